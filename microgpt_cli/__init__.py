@@ -1,0 +1,30 @@
+"""microgpt: train small GPT language models on your own text, evaluate them, sample from them.
+
+The Python API mirrors the CLI: `prepare`, `train`, `evaluate`, `load_checkpoint`, `generate_text`
+and `stream_text`. They are imported lazily so that `microgpt --help` does not wait for torch.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "prepare": "microgpt_cli.data",
+    "train": "microgpt_cli.train",
+    "evaluate": "microgpt_cli.evaluate",
+    "load_checkpoint": "microgpt_cli.checkpoint",
+    "generate_text": "microgpt_cli.sampling",
+    "stream_text": "microgpt_cli.sampling",
+    "ModelConfig": "microgpt_cli.config",
+    "TrainConfig": "microgpt_cli.config",
+    "GPT": "microgpt_cli.model",
+    "MicroGPTError": "microgpt_cli.errors",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'microgpt_cli' has no attribute {name!r}")

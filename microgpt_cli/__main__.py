@@ -1,0 +1,3 @@
+from microgpt_cli.cli import main
+
+main()

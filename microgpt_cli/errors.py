@@ -1,0 +1,13 @@
+"""The one exception type users see: the CLI prints its message on one line and exits non-zero."""
+
+
+class MicroGPTError(Exception):
+    """A problem the user can fix (bad input, missing file, wrong option); never a bug."""
+
+    exit_code = 1
+
+
+class Interrupted(MicroGPTError):
+    """Training stopped by Ctrl-C or SIGTERM after saving a resumable checkpoint."""
+
+    exit_code = 130

