@@ -11,7 +11,7 @@ POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("relu", "relu2", "gelu")
 OPTIMIZERS = ("adamw", "muon")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" is accepted too
 
 
 def _require(ok: bool, message: str) -> None:
@@ -99,7 +99,7 @@ class TrainConfig:
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "--beta1 and --beta2 must be in [0, 1)")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("device", self.device, DEVICES)
+        _require(self.device.split(":")[0] in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
 
 
 # Named hyperparameter sets for `--preset`; flags given on the command line override them.

@@ -5,9 +5,11 @@ class MicroGPTError(Exception):
     """A problem the user can fix (bad input, missing file, wrong option); never a bug."""
 
     exit_code = 1
+    label = "error"
 
 
 class Interrupted(MicroGPTError):
     """Training stopped by Ctrl-C or SIGTERM after saving a resumable checkpoint."""
 
     exit_code = 130
+    label = "stopped"

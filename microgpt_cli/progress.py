@@ -87,3 +87,74 @@ def format_seconds(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+class TrainDisplay:
+    """Renders the training loop's events: a live bar with loss, val loss, best, lr, tok/s and ETA
+    on a terminal; a log line per event otherwise."""
+
+    def __init__(self, console: Console = stderr):
+        self.console = console
+        self.task: Task | None = None
+        self.best = float("nan")
+        self.val = float("nan")
+
+    def __enter__(self) -> TrainDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.task.__exit__(None, None, None)
+
+    def event(self, kind: str, info: dict) -> None:
+        if kind == "start":
+            self._start(info)
+        elif kind in ("log", "eval"):
+            assert self.task is not None
+            if kind == "eval":
+                self.val, self.best = info["val_loss"], info["best_val"]
+            status = (
+                f"epoch {info['epoch']:.2f} loss {info['train_loss']:.4f} val {self.val:.4f} best {self.best:.4f} "
+                f"lr {info['lr']:.2e} {info['tokens_per_sec']:,.0f} tok/s"
+            )
+            self.task.update(info["step"], status=status, force=kind == "eval")
+            if kind == "eval" and self.task.live:
+                mark = " (best, saved)" if info["improved"] else ""
+                self.task.log(f"step {info['step']}: val loss {info['val_loss']:.4f}{mark}")
+
+    def _start(self, info: dict) -> None:
+        m = info["model_config"]
+        verb = "resuming at step" if info["resumed"] else "starting"
+        self.console.print(
+            f"{verb} {info['step'] if info['resumed'] else ''} · {info['params'] / 1e6:.2f}M params "
+            f"({m['n_layer']}x{m['n_embed']}, {m['n_head']} heads, context {m['context']}) on {info['device']} · "
+            f"{info['tokenizer']} ({info['vocab_size']:,} tokens) · {info['train_tokens']:,} train / "
+            f"{info['val_tokens']:,} val tokens · {info['total_steps']:,} steps "
+            f"({info['steps_per_epoch']:.1f} per epoch)".replace("  ", " "),
+            highlight=False, soft_wrap=True,
+        )
+        self.task = Task("train", info["total_steps"], unit="steps", console=self.console).__enter__()
+        self.task.update(info["step"])
+
+    def summary(self, summary: dict) -> None:
+        from rich.table import Table
+
+        table = Table(title="training summary", show_header=False)
+        rows = [
+            ("steps", f"{summary['steps']:,} / {summary['total_steps']:,}"),
+            ("epochs", f"{summary['epochs']:.2f}"),
+            ("final train loss", _num(summary["train_loss"])),
+            ("final val loss", _num(summary["val_loss"])),
+            ("best val loss", _num(summary["best_val_loss"])),
+            ("time", format_seconds(summary["elapsed"])),
+            ("tokens/s", f"{summary['tokens_per_sec']:,.0f}"),
+            ("best checkpoint", summary["best"]),
+            ("resume from", summary["last"]),
+        ]
+        for key, value in rows:
+            table.add_row(key, value)
+        self.console.print(table)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
