@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
+
+from microgpt_cli import __version__
 from microgpt_cli.errors import MicroGPTError
 
 POSITIONS = ("learned", "rope")
@@ -136,3 +145,63 @@ def resolve(preset: str | None, overrides: dict[str, Any]) -> tuple[dict[str, An
 
 def to_dict(config: ModelConfig | TrainConfig) -> dict[str, Any]:
     return asdict(config)
+
+
+# --- TOML config files -----------------------------------------------------------------------
+
+CONFIG_FILE = "config.toml"
+TomlValue = str | int | float | bool
+
+
+def read_toml(path: str | Path) -> dict[str, TomlValue]:
+    """The flat `key = value` table of a --config file; nested tables and arrays are refused
+    because every option is a single value."""
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise MicroGPTError(f"config file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MicroGPTError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise MicroGPTError(f"config file {path} is not valid TOML: {exc}") from exc
+    for key, value in table.items():
+        _require(isinstance(value, (str, int, float, bool)),
+                 f"config file {path}: {key} must be a single string, number or boolean, got {type(value).__name__}")
+    return table
+
+
+def _toml_value(value: TomlValue) -> str:
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # Python's float repr (1e-05, inf, nan) is valid TOML too
+    # JSON string escapes are valid TOML basic-string escapes.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def to_toml(values: dict[str, TomlValue], header: str = "") -> str:
+    """A flat table as TOML text, `header` lines first as comments."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def config_values(model_config: ModelConfig, train_config: TrainConfig) -> dict[str, TomlValue]:
+    """Model and training settings as one flat table whose keys are `microgpt train` options, so
+    the saved file works as `--config`. vocab_size is left out: the data dir decides it."""
+    values = {k: v for k, v in asdict(model_config).items() if k != "vocab_size"}
+    return {**values, **asdict(train_config)}
+
+
+def save_config(out_dir: str | Path, model_config: ModelConfig, train_config: TrainConfig) -> Path:
+    """Write the resolved settings of a run to OUT/config.toml (atomically); returns its path.
+    `microgpt train --config OUT/config.toml --out NEW` repeats the run."""
+    from microgpt_cli.checkpoint import atomic_write  # checkpoint imports this module
+
+    path = Path(out_dir) / CONFIG_FILE
+    header = (f"microgpt {__version__} training settings; reuse with `microgpt train --config {path}`.\n"
+              f"vocab_size = {model_config.vocab_size} comes from the data dir.")
+    text = to_toml(config_values(model_config, train_config), header)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return path

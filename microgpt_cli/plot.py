@@ -1,0 +1,143 @@
+"""Loss curves as PNG files, drawn from a run's metrics.jsonl.
+
+Figures are built with matplotlib's object API on the Agg canvas (never pyplot): no display is
+needed, no global backend is switched, and a plot drawn during training leaks no figure state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
+
+from microgpt_cli.checkpoint import atomic_write
+from microgpt_cli.errors import MicroGPTError
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+X_AXES = {"step": "step", "tokens": "tokens seen", "time": "seconds"}
+
+
+@dataclass
+class Curves:
+    """The loss series of one run, by step, with tokens and seconds for the other x axes."""
+
+    name: str
+    steps: list[int] = field(default_factory=list)
+    train: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val: list[float] = field(default_factory=list)
+    tokens: dict[int, int] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)
+
+    def x(self, steps: list[int], axis: str) -> list[float]:
+        if axis == "tokens":
+            return [self.tokens[s] for s in steps]
+        if axis == "time":
+            return [self.seconds[s] for s in steps]
+        return list(steps)
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """Tokens per optimizer step, if the metrics record tokens (constant within a run)."""
+        if len(self.tokens) < len(self.steps) or not self.steps or self.steps[-1] == 0:
+            return None
+        return self.tokens[self.steps[-1]] / self.steps[-1]
+
+
+def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
+    """The curves in RUN_DIR/metrics.jsonl. A line being written right now (or cut by a crash)
+    is skipped rather than failing the plot."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise MicroGPTError(f"{run_dir} has no {METRICS_FILE}; is it a `microgpt train --out` dir?")
+    curves = Curves(name or run_dir.name)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+            step, train = int(entry["step"]), float(entry["train_loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        curves.steps.append(step)
+        curves.train.append(train)
+        if "val_loss" in entry:
+            curves.val_steps.append(step)
+            curves.val.append(float(entry["val_loss"]))
+        if "tokens" in entry:
+            curves.tokens[step] = int(entry["tokens"])
+        curves.seconds[step] = float(entry.get("elapsed", 0.0))
+    return curves
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return path
+
+
+def save_loss_plot(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/loss.png: train and val loss by step, with tokens seen on the top axis
+    when metrics.jsonl records them. Cheap enough to call at every evaluation."""
+    run_dir = Path(run_dir)
+    curves = read_curves(run_dir)
+    if not curves.steps:
+        raise MicroGPTError(f"{run_dir / METRICS_FILE} holds no metrics yet")
+    # Fixed margins, not a layout engine: constrained layout would double the drawing time.
+    fig = Figure(figsize=(7, 4), dpi=100)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.8)
+    ax = fig.add_subplot()
+    few = len(curves.steps) < 3  # a lone point needs a marker to be seen at all
+    ax.plot(curves.steps, curves.train, color="tab:blue", alpha=0.6, label="train", marker="." if few else None)
+    if curves.val:
+        ax.plot(curves.val_steps, curves.val, color="tab:orange", marker="o", markersize=3, label="val")
+        best = min(range(len(curves.val)), key=curves.val.__getitem__)
+        fig.suptitle(f"{curves.name}: best val loss {curves.val[best]:.4f} at step {curves.val_steps[best]:,}",
+                     x=0.02, y=0.98, ha="left", fontsize="medium")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    per_step = curves.tokens_per_step
+    if per_step:
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+        top.set_xlabel("tokens seen")
+        top.xaxis.set_major_formatter(EngFormatter())  # 2M rather than an offset "1e6" that collides with the title
+    return _save(fig, run_dir / LOSS_PLOT)
+
+
+def save_runs_plot(run_dirs: Sequence[str | Path], out: str | Path, x_axis: str = "step") -> Path:
+    """Write one chart comparing runs: val loss solid, train loss faint, one colour per run."""
+    if x_axis not in X_AXES:
+        raise MicroGPTError(f"--x must be one of {', '.join(X_AXES)}, got {x_axis!r}")
+    if not run_dirs:
+        raise MicroGPTError("pass at least one run dir to plot")
+    paths = [Path(d) for d in run_dirs]
+    names = [p.name or str(p) for p in paths]
+    if len(set(names)) < len(names):  # a/out and b/out: the names alone would not tell them apart
+        names = [str(p) for p in paths]
+    fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for i, (path, name) in enumerate(zip(paths, names)):
+        curves = read_curves(path, name)
+        if not curves.steps:
+            raise MicroGPTError(f"{path / METRICS_FILE} holds no metrics yet")
+        if x_axis == "tokens" and len(curves.tokens) < len(curves.steps):
+            raise MicroGPTError(f"{path / METRICS_FILE} does not record tokens seen; use --x step or --x time")
+        color = f"C{i % 10}"
+        ax.plot(curves.x(curves.steps, x_axis), curves.train, color=color, alpha=0.25, linewidth=1)
+        if curves.val:
+            ax.plot(curves.x(curves.val_steps, x_axis), curves.val, color=color, marker="o", markersize=3, label=name)
+        else:
+            ax.lines[-1].set_label(f"{name} (train)")
+    ax.set_xlabel(X_AXES[x_axis])
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("val loss (solid) and train loss (faint)", loc="left", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(out))
