@@ -10,7 +10,6 @@ torch.optim.AdamW with default settings, `loss.item()` every step, random batche
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from rich.table import Table
 from microgpt_cli.config import ModelConfig, TrainConfig, resolve
 from microgpt_cli.model import GPT
 from microgpt_cli.train import train
-from microgpt_cli.tokenizer import train_char
+from microgpt_cli.data import prepare
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 # The reference CPU recipe for character-level tinyshakespeare: 4 layers, 4 heads, 128 wide,
@@ -97,25 +96,15 @@ def plain_tokens_per_sec(tokens: torch.Tensor, cfg: dict, vocab: int, steps: int
     return steps * b * t / (time.perf_counter() - start)
 
 
-def write_char_data(directory: Path) -> int:
-    text = CORPUS.read_text(encoding="utf-8")
-    tok = train_char([text])
-    ids = tok.encode_array(text)
-    cut = int(len(ids) * 0.9)
-    ids[:cut].astype("<u2").tofile(directory / "train.bin")
-    ids[cut:].astype("<u2").tofile(directory / "val.bin")
-    meta = {"version": 1, "tokenizer": tok.spec, "vocab_size": tok.vocab_size, "dtype": "uint16", "inputs": []}
-    (directory / "meta.json").write_text(json.dumps(meta))
-    return tok.vocab_size
-
-
-def microgpt_tokens_per_sec(data: Path, out: Path, overrides: dict, steps: int, preset: str | None) -> tuple[float, GPT]:
+def microgpt_tokens_per_sec(data: Path, out: Path, overrides: dict, steps: int, preset: str | None) -> tuple[float, GPT, int]:
+    """Median tokens/s of microgpt's own loop (after warm-up), the model and its tokens per step."""
     model_kwargs, train_kwargs = resolve(preset, {**overrides, "max_steps": steps + 10, "eval_interval": 10**9,
                                                   "eval_tokens": 1000, "log_interval": 10, "warmup_steps": 0})
     rates: list[float] = []
     train(ModelConfig(**model_kwargs), TrainConfig(data=str(data), out=str(out), **train_kwargs), force=True,
           on_event=lambda kind, info: rates.append(info["tokens_per_sec"]) if kind == "log" else None)
-    return float(np.median(rates[1:])), GPT(ModelConfig(**{**model_kwargs, "vocab_size": 65}))
+    model = GPT(ModelConfig(**{**model_kwargs, "vocab_size": 65}))
+    return float(np.median(rates[1:])), model, train_kwargs["batch_size"] * model.config.context
 
 
 def main() -> None:
@@ -127,14 +116,13 @@ def main() -> None:
     for col in ("implementation", "model", "tokens/s", "steps/s", "MFU"):
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp)
-        vocab = write_char_data(data)
+        data = Path(tmp) / "data"
+        vocab = prepare([CORPUS], data, tokenizer="char")["vocab_size"]
         tokens = torch.from_numpy(np.fromfile(data / "train.bin", dtype="<u2").astype(np.int64))
         runs = [("reference model", REFERENCE, None), ("--preset cpu", {}, "cpu")]
         for label, overrides, preset in runs:
-            rate, model = microgpt_tokens_per_sec(data, data / "run", overrides, args.steps, preset)
+            rate, model, tokens_per_step = microgpt_tokens_per_sec(data, Path(tmp) / "run", overrides, args.steps, preset)
             cfg = model.config
-            tokens_per_step = (overrides.get("batch_size") or 12) * cfg.context
             shape = f"{cfg.n_layer}x{cfg.n_embed}, ctx {cfg.context}"
             if preset is None:
                 plain = plain_tokens_per_sec(tokens, REFERENCE, vocab, args.steps)

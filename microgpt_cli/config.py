@@ -122,7 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 small (124M): 12 layers, 12 heads, 768 wide, context 1024.
     "gpt2": dict(
         n_layer=12, n_head=12, n_embed=768, context=1024, dropout=0.0, batch_size=16,
-        activation="gelu", lr=6e-4, warmup_steps=700, grad_accum=8,
+        activation="gelu", lr=6e-4, warmup_steps=700, grad_accum=8, compile=True,
     ),
 }
 
@@ -131,7 +131,9 @@ TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
 
 def resolve(preset: str | None, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Merge a preset with explicitly given options (those not None) into model and train kwargs."""
+    """Merge a preset with explicitly given options (those not None) into model and train kwargs.
+    The CLI passes --config file values among the options (as defaults of its flags), which is
+    how a file beats a preset and loses to a flag."""
     if preset is not None:
         _require(preset in PRESETS, f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
     merged = dict(PRESETS.get(preset, {})) if preset else {}

@@ -57,7 +57,7 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise MicroGPTError(f"{run_dir} has no {METRICS_FILE}; is it a `microgpt train --out` dir?")
-    curves = Curves(name or run_dir.name)
+    curves = Curves(name or run_dir.resolve().name)
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
