@@ -8,10 +8,8 @@ Every checkpoint holds `version`, `model` (weights), `model_config`, `tokenizer`
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,32 +18,12 @@ import torch
 
 from microgpt_cli.config import ModelConfig
 from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.files import atomic_write
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer, from_spec
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("version", "model", "model_config", "tokenizer")
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(file)` on a temp file beside `path`, fsync it, then rename it over `path`:
-    a crash at any moment leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -90,6 +68,8 @@ def resolve_path(path: str | Path) -> Path:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read and check a checkpoint; a truncated, foreign or malicious file is a clear error."""
     path = resolve_path(path)
+    if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
+        raise MicroGPTError(f"{path} is not a microgpt checkpoint (not a torch.save file, or truncated)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -15,6 +15,7 @@ else:  # the same parser, before it joined the standard library
 
 from microgpt_cli import __version__
 from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.files import atomic_write
 
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -199,7 +200,6 @@ def config_values(model_config: ModelConfig, train_config: TrainConfig) -> dict[
 def save_config(out_dir: str | Path, model_config: ModelConfig, train_config: TrainConfig) -> Path:
     """Write the resolved settings of a run to OUT/config.toml (atomically); returns its path.
     `microgpt train --config OUT/config.toml --out NEW` repeats the run."""
-    from microgpt_cli.checkpoint import atomic_write  # checkpoint imports this module
 
     path = Path(out_dir) / CONFIG_FILE
     header = (f"microgpt {__version__} training settings; reuse with `microgpt train --config {path}`.\n"

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 from microgpt_cli import tokenizer as tok_lib
 from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.files import fsync_dir, install_dir, make_temp_dir, write_synced
 
 META_VERSION = 1
 SPLITS = ("train", "val")
@@ -92,7 +92,7 @@ def prepare(
         files = _resolve_inputs(inputs, out)
         tok = None if tok_lib.needs_corpus(tokenizer) else tok_lib.named(tokenizer)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _make_temp_dir(out)
+        tmp = make_temp_dir(out)
     except OSError as exc:  # unreadable input, unwritable output dir: the user can fix these
         raise MicroGPTError(f"cannot prepare {out}: {exc}") from exc
     try:
@@ -120,10 +120,10 @@ def prepare(
             "chars_per_token": round(chars / tokens, 4),
             "seconds": round(time.monotonic() - started, 3),
         }
-        _write_synced(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        write_synced(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
         (tmp / ".stdin").unlink(missing_ok=True)
-        _fsync_dir(tmp)
-        _install(tmp, out, force)
+        fsync_dir(tmp)
+        install_dir(tmp, out, force)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):  # e.g. a full disk
@@ -383,54 +383,6 @@ def _write_splits(tok: tok_lib.Tokenizer, sources: list[_Source], tmp: Path, dty
                 f"with --val-fraction, give more text"
             )
     return splits, chars
-
-
-def _make_temp_dir(out: Path) -> Path:
-    # Not tempfile.mkdtemp: its 0700 mode would stay on the renamed data dir; mkdir honours umask.
-    while True:
-        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-        try:
-            tmp.mkdir()
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _install(tmp: Path, out: Path, force: bool) -> None:
-    """Rename the finished temp dir to `out`; with `force` the old `out` is moved aside first and
-    deleted only once the new one is in place."""
-    if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)
-    elif not force:
-        raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
-    else:
-        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    _fsync_dir(out.parent)
 
 
 # --- reading a data dir ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from microgpt_cli import checkpoint
 from microgpt_cli.config import ModelConfig
-from microgpt_cli.data import _install, _make_temp_dir
+from microgpt_cli.files import install_dir, make_temp_dir
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer, from_spec
@@ -57,13 +57,13 @@ def export(checkpoint_path: str | Path, out: str | Path, format: str = "hf", for
     if format == "hf":
         check_gpt2_compatible(config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(out)
+    tmp = make_temp_dir(out)
     try:
         if format == "hf":
             _write_hf(tmp, state, config)
         else:
             _write_safetensors(tmp, state)
-        _install(tmp, out, force=True)
+        install_dir(tmp, out, force=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
-from microgpt_cli.checkpoint import atomic_write
+from microgpt_cli.files import atomic_write
 from microgpt_cli.errors import MicroGPTError
 
 METRICS_FILE = "metrics.jsonl"

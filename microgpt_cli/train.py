@@ -24,13 +24,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from microgpt_cli import checkpoint, distributed
-from microgpt_cli.config import ModelConfig, TrainConfig
+from microgpt_cli.config import ModelConfig, TrainConfig, save_config
 from microgpt_cli.data import Batches, data_fingerprint, open_split, read_meta
 from microgpt_cli.device import autocast, resolve_device
 from microgpt_cli.errors import Interrupted, MicroGPTError
+from microgpt_cli.files import atomic_write
 from microgpt_cli.evaluate import split_loss
 from microgpt_cli.model import GPT
 from microgpt_cli.optim import build_optimizers, lr_factor
+from microgpt_cli.plot import save_loss_plot
 from microgpt_cli.tokenizer import Tokenizer, from_spec
 
 EventFn = Callable[[str, dict[str, Any]], None]
@@ -158,17 +160,26 @@ class RunFiles:
                 self._trim_metrics(run.step)
             else:
                 self.metrics_path.unlink(missing_ok=True)
+            save_config(run.out, run.model_config, run.cfg)
 
     def _trim_metrics(self, last_step: int) -> None:
         """Drop metric lines past the checkpoint we resume from: those steps are about to be redone."""
         if self.metrics_path.exists():
             kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-            checkpoint.atomic_write(self.metrics_path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+            atomic_write(self.metrics_path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
     def record(self, entry: dict[str, Any]) -> None:
         if self.active:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
+
+    def plot(self) -> None:
+        """Redraw loss.png; a plot that cannot be written is not worth stopping a run for."""
+        if self.active:
+            try:
+                save_loss_plot(self.run.out)
+            except OSError:
+                pass
 
     def save(self, name: str, metrics: dict[str, Any], resumable: bool) -> None:
         if not self.active:
@@ -274,7 +285,8 @@ def run_loop(run: Run, on_event: EventFn = lambda kind, info: None) -> dict[str,
                     raise MicroGPTError(f"training diverged: loss is {train_loss} at step {run.step};{kept} try a lower --lr")
                 now = time.perf_counter()
                 last = {
-                    "step": run.step, "epoch": run.step / run.steps_per_epoch, "train_loss": train_loss,
+                    "step": run.step, "epoch": run.step / run.steps_per_epoch, "tokens": run.step * run.tokens_per_step,
+                    "train_loss": train_loss,
                     "lr": cfg.lr * factor, "tokens_per_sec": window_steps * run.tokens_per_step / (now - window_start),
                     "elapsed": run.elapsed,
                 }
@@ -289,6 +301,7 @@ def run_loop(run: Run, on_event: EventFn = lambda kind, info: None) -> dict[str,
                 improved = last["val_loss"] < run.best_val
                 run.best_val = min(run.best_val, last["val_loss"])
                 files.record(last)
+                files.plot()
                 if improved:
                     files.save("best.pt", last, resumable=False)
                 files.save("last.pt", last, resumable=True)

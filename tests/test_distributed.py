@@ -64,7 +64,7 @@ def test_ranks_stay_in_step(char_data: Path, tmp_path: Path) -> None:
 
 
 def test_only_rank_zero_writes_and_reports(ddp_run: Path) -> None:
-    assert sorted(p.name for p in ddp_run.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in ddp_run.iterdir()) == ["best.pt", "config.toml", "last.pt", "loss.png", "metrics.jsonl"]
     steps = [json.loads(line)["step"] for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # one line per log, not one per rank
 
