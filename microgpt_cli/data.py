@@ -22,7 +22,7 @@ import numpy as np
 
 from microgpt_cli import tokenizer as tok_lib
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.files import fsync_dir, install_dir, make_temp_dir, write_synced
+from microgpt_cli.files import atomic_dir, write_synced
 
 META_VERSION = 1
 SPLITS = ("train", "val")
@@ -91,44 +91,35 @@ def prepare(
     try:
         files = _resolve_inputs(inputs, out)
         tok = None if tok_lib.needs_corpus(tokenizer) else tok_lib.named(tokenizer)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(out)
-    except OSError as exc:  # unreadable input, unwritable output dir: the user can fix these
+        with atomic_dir(out, force) as tmp:
+            sources = _plan_sources(files, tmp, stdin, val_fraction)
+            size = sum(s.size for s in sources)
+            if size == 0:
+                raise MicroGPTError("the input is empty; give prepare some text")
+            if on_total:
+                on_total(size * (2 if tok is None else 1))
+            progress = _Progress(on_progress)
+            if tok is None:
+                texts = (text for _, text, _ in _read_texts(sources, errors, chunk_bytes, progress))
+                tok = _build_tokenizer(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE, texts)
+            dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+            splits, chars = _write_splits(tok, sources, tmp, dtype, errors, chunk_bytes, progress)
+            tokens = sum(s["tokens"] for s in splits.values())
+            meta = {
+                "version": META_VERSION,
+                "tokenizer": tok.spec,
+                "vocab_size": tok.vocab_size,
+                "dtype": dtype,
+                "splits": splits,
+                "inputs": [{"path": s.name, "sha256": s.sha256.hexdigest(), "bytes": s.size} for s in sources],
+                "val_fraction": val_fraction,
+                "chars_per_token": round(chars / tokens, 4),
+                "seconds": round(time.monotonic() - started, 3),
+            }
+            write_synced(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+            (tmp / ".stdin").unlink(missing_ok=True)  # the spooled stdin is not part of the dataset
+    except OSError as exc:  # unreadable input, unwritable output dir, a full disk: the user can fix these
         raise MicroGPTError(f"cannot prepare {out}: {exc}") from exc
-    try:
-        sources = _plan_sources(files, tmp, stdin, val_fraction)
-        size = sum(s.size for s in sources)
-        if size == 0:
-            raise MicroGPTError("the input is empty; give prepare some text")
-        if on_total:
-            on_total(size * (2 if tok is None else 1))
-        progress = _Progress(on_progress)
-        if tok is None:
-            texts = (text for _, text, _ in _read_texts(sources, errors, chunk_bytes, progress))
-            tok = _build_tokenizer(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE, texts)
-        dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
-        splits, chars = _write_splits(tok, sources, tmp, dtype, errors, chunk_bytes, progress)
-        tokens = sum(s["tokens"] for s in splits.values())
-        meta = {
-            "version": META_VERSION,
-            "tokenizer": tok.spec,
-            "vocab_size": tok.vocab_size,
-            "dtype": dtype,
-            "splits": splits,
-            "inputs": [{"path": s.name, "sha256": s.sha256.hexdigest(), "bytes": s.size} for s in sources],
-            "val_fraction": val_fraction,
-            "chars_per_token": round(chars / tokens, 4),
-            "seconds": round(time.monotonic() - started, 3),
-        }
-        write_synced(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
-        (tmp / ".stdin").unlink(missing_ok=True)
-        fsync_dir(tmp)
-        install_dir(tmp, out, force)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):  # e.g. a full disk
-            raise MicroGPTError(f"cannot prepare {out}: {exc}") from exc
-        raise
     return meta
 
 

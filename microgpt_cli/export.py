@@ -8,7 +8,6 @@ leaves half a model where a loader would find it.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from microgpt_cli import checkpoint
 from microgpt_cli.config import ModelConfig
-from microgpt_cli.files import install_dir, make_temp_dir
+from microgpt_cli.files import atomic_dir
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer, from_spec
@@ -56,17 +55,11 @@ def export(checkpoint_path: str | Path, out: str | Path, format: str = "hf", for
     config = ModelConfig(**state["model_config"])
     if format == "hf":
         check_gpt2_compatible(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out)
-    try:
+    with atomic_dir(out, force=True) as tmp:
         if format == "hf":
             _write_hf(tmp, state, config)
         else:
             _write_safetensors(tmp, state)
-        install_dir(tmp, out, force=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -7,7 +7,8 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,3 +78,18 @@ def install_dir(tmp: Path, out: Path, force: bool) -> None:
         else:
             old.unlink()
     fsync_dir(out.parent)
+
+
+@contextmanager
+def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """A temp dir beside `out` to fill; when the block succeeds it is synced and renamed to `out`
+    (replacing it only with `force`), when it fails it is removed and `out` stays as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out)
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        install_dir(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

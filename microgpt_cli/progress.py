@@ -117,7 +117,7 @@ class TrainDisplay:
                 f"epoch {info['epoch']:.2f} loss {info['train_loss']:.4f} val {self.val:.4f} best {self.best:.4f} "
                 f"lr {info['lr']:.2e} {info['tokens_per_sec']:,.0f} tok/s"
             )
-            self.task.update(info["step"], status=status, force=kind == "eval")
+            self.task.update(info["step"], status=status, total=info["total_steps"], force=kind == "eval")
             if kind == "eval" and self.task.live:
                 mark = " (best, saved)" if info["improved"] else ""
                 self.task.log(f"step {info['step']}: val loss {info['val_loss']:.4f}{mark}")

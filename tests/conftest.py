@@ -62,6 +62,16 @@ def shakespeare() -> Path:
     return SHAKESPEARE
 
 
+@pytest.fixture(scope="session")
+def char_data(shakespeare: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tinyshakespeare prepared once by the real CLI with the char tokenizer (65 symbols)."""
+    from clitools import microgpt
+
+    out = tmp_path_factory.mktemp("data") / "char"
+    microgpt("prepare", str(shakespeare), "--tokenizer", "char", "--out", str(out))
+    return out
+
+
 @pytest.fixture
 def char_tokenizer() -> Tokenizer:
     return train_char([TINY_TEXT])

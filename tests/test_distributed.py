@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from clitools import microgpt
+
 TINY = ["--n-layer", "1", "--n-embed", "32", "--n-head", "2", "--context", "32", "--batch-size", "8",
         "--grad-accum", "2", "--log-interval", "5", "--dropout", "0"]
 
@@ -24,21 +25,8 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.Com
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def microgpt(*args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "microgpt_cli", *args], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result
-
-
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model"]
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "char"
-    microgpt("prepare", str(SHAKESPEARE), "--tokenizer", "char", "--out", str(out))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from microgpt_cli.config import ModelConfig
+from microgpt_cli.config import ModelConfig, resolve
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT, apply_rotary, rotary_tables
 
@@ -98,3 +98,14 @@ def test_flops_per_token_counts_matmuls() -> None:
 def test_config_validation(bad: dict, message: str) -> None:
     with pytest.raises(MicroGPTError, match=message):
         ModelConfig(**{**SMALL, **bad})
+
+
+def test_presets_fill_options_and_flags_win() -> None:
+    model_kwargs, train_kwargs = resolve("gpt2", {"n_layer": 2, "lr": None})
+    assert model_kwargs["n_layer"] == 2 and model_kwargs["n_embed"] == 768 and model_kwargs["context"] == 1024
+    assert train_kwargs["compile"] is True and train_kwargs["lr"] == 6e-4
+    model_kwargs, train_kwargs = resolve("cpu", {"optimizer": "adamw"})
+    assert model_kwargs["position"] == "rope" and model_kwargs["qk_norm"] is True
+    assert train_kwargs["optimizer"] == "adamw" and train_kwargs["batch_size"] == 24
+    with pytest.raises(MicroGPTError, match="--preset"):
+        resolve("huge", {})

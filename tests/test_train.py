@@ -18,37 +18,15 @@ from microgpt_cli import checkpoint, load_checkpoint
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.files import atomic_write
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from clitools import assert_clean_error, microgpt
+
 TINY = ["--n-layer", "1", "--n-embed", "32", "--n-head", "2", "--context", "32", "--batch-size", "8",
         "--log-interval", "5", "--eval-tokens", "3000"]
-
-
-def microgpt(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "microgpt_cli", *args], capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def start(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "microgpt_cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "char"
-    microgpt("prepare", str(SHAKESPEARE), "--tokenizer", "char", "--out", str(out))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +195,9 @@ def test_missing_and_incomplete_data_dirs(tmp_path: Path, char_data: Path) -> No
     assert_clean_error(microgpt("train", "--data", str(partial), check=False), "incomplete", "train.bin")
 
 
-def test_resume_refuses_other_data(trained: Path, tmp_path: Path) -> None:
+def test_resume_refuses_other_data(trained: Path, shakespeare: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
-    microgpt("prepare", str(SHAKESPEARE), "--tokenizer", "bpe", "--vocab-size", "300", "--out", str(other))
+    microgpt("prepare", str(shakespeare), "--tokenizer", "bpe", "--vocab-size", "300", "--out", str(other))
     result = microgpt("train", "--data", str(other), "--out", str(trained), "--resume", check=False)
     assert_clean_error(result, "different data")
 
