@@ -148,10 +148,6 @@ def resolve(preset: str | None, overrides: dict[str, Any]) -> tuple[dict[str, An
     return model_kwargs, train_kwargs
 
 
-def to_dict(config: ModelConfig | TrainConfig) -> dict[str, Any]:
-    return asdict(config)
-
-
 # --- TOML config files -----------------------------------------------------------------------
 
 CONFIG_FILE = "config.toml"

@@ -57,10 +57,3 @@ def sum_across(world: World, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
-
-
-def broadcast_flag(world: World, flag: bool, device: torch.device) -> bool:
-    """True everywhere if any process raised it (e.g. one rank got SIGTERM)."""
-    if not world.distributed:
-        return flag
-    return bool(sum_across(world, torch.tensor([float(flag)], device=device)).item())
