@@ -354,7 +354,7 @@ def generate(
         raise MicroGPTError(f"--num-samples must be at least 1, got {num_samples}")
     from microgpt_cli.checkpoint import resolve_path
     from microgpt_cli.evaluate import read_text
-    from microgpt_cli.sampling import SamplingSettings, TextStream, load_model, make_generator, prompt_ids
+    from microgpt_cli.sampling import SamplingSettings, TextStream, decoding_model, load_model, make_generator, prompt_ids
 
     settings = SamplingSettings(length, temperature, top_k, top_p, stop)
     start_text = read_text(prompt_file) if prompt_file is not None else prompt or ""
@@ -366,6 +366,7 @@ def generate(
         f"{tokenizer.name} tokenizer, on {weights.device}[/]", highlight=False, soft_wrap=True,
     )
     generator = make_generator(weights.device, seed)  # one stream: the whole batch of samples is reproducible
+    model = decoding_model(model)
     for i in range(num_samples):
         stream = TextStream(model, tokenizer, start_text, settings, generator)
         for piece in stream:

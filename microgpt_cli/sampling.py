@@ -97,9 +97,10 @@ class RowMajorLinear(nn.Module):
 
 def decoding_model(model: GPT) -> GPT:
     """The model to decode with: on CPU an inference copy whose linear layers are RowMajorLinear;
-    elsewhere the model itself. The copy computes the same function (up to float summation order)."""
-    if model.tok_emb.weight.device.type != "cpu":
-        return model
+    elsewhere (or when given such a copy) the model itself. The copy computes the same function, up
+    to float summation order; converting once before several samples saves a copy per sample."""
+    if model.tok_emb.weight.device.type != "cpu" or not any(isinstance(m, nn.Linear) for m in model.modules()):
+        return model  # not on CPU, or converted already
     fast = copy.deepcopy(model).eval()
     for module in list(fast.modules()):
         for name, child in module.named_children():

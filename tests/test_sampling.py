@@ -192,3 +192,17 @@ def test_unknown_character_and_missing_tokenizer_are_clear_errors(char_tokenizer
         stream_text(model, "Hello €", tokenizer=char_tokenizer)
     with pytest.raises(MicroGPTError, match="tokenizer"):
         stream_text(model, "Hi")
+
+
+def test_decoding_copy_is_made_once_and_matches_the_model() -> None:
+    from microgpt_cli.sampling import RowMajorLinear, decoding_model
+
+    model = tiny_model(40)
+    fast = decoding_model(model)
+    assert fast is not model and decoding_model(fast) is fast
+    assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
+    assert any(isinstance(m, RowMajorLinear) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the caller's model is untouched
+    idx = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(idx), fast(idx), atol=1e-5)
