@@ -124,13 +124,13 @@ class TrainDisplay:
 
     def _start(self, info: dict) -> None:
         m = info["model_config"]
-        verb = "resuming at step" if info["resumed"] else "starting"
+        begin = f"resuming at step {info['step']}" if info["resumed"] else "starting"
         self.console.print(
-            f"{verb} {info['step'] if info['resumed'] else ''} · {info['params'] / 1e6:.2f}M params "
+            f"{begin} · {info['params'] / 1e6:.2f}M params "
             f"({m['n_layer']}x{m['n_embed']}, {m['n_head']} heads, context {m['context']}) on {info['device']} · "
             f"{info['tokenizer']} ({info['vocab_size']:,} tokens) · {info['train_tokens']:,} train / "
             f"{info['val_tokens']:,} val tokens · {info['total_steps']:,} steps "
-            f"({info['steps_per_epoch']:.1f} per epoch)".replace("  ", " "),
+            f"({info['steps_per_epoch']:.1f} per epoch)",
             highlight=False, soft_wrap=True,
         )
         self.task = Task("train", info["total_steps"], unit="steps", console=self.console).__enter__()
