@@ -29,7 +29,7 @@ CHUNK = 1 << 20
 
 CHILD = """
 import json, resource, sys, time
-from microgpt_cli.data import prepare
+from microgpt_cli.dataprep import prepare
 
 def rss_mb():
     for line in open("/proc/self/status"):

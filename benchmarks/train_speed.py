@@ -23,8 +23,8 @@ from rich.table import Table
 
 from microgpt_cli.config import ModelConfig, TrainConfig, resolve
 from microgpt_cli.model import GPT
-from microgpt_cli.train import train
-from microgpt_cli.data import prepare
+from microgpt_cli.training import train
+from microgpt_cli.dataprep import prepare
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 # The reference CPU recipe for character-level tinyshakespeare: 4 layers, 4 heads, 128 wide,

@@ -10,9 +10,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "prepare": "microgpt_cli.data",
-    "train": "microgpt_cli.train",
-    "evaluate": "microgpt_cli.evaluate",
+    "prepare": "microgpt_cli.dataprep",
+    "train": "microgpt_cli.training",
+    "evaluate": "microgpt_cli.evaluation",
     "load_checkpoint": "microgpt_cli.checkpoint",
     "generate_text": "microgpt_cli.sampling",
     "stream_text": "microgpt_cli.sampling",

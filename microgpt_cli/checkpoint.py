@@ -1,49 +1,164 @@
 """The one checkpoint format: a plain dict of tensors and primitives, written atomically and read
 with `torch.load(weights_only=True)` so that loading never runs code from the file.
 
-Every checkpoint holds `version`, `model` (weights), `model_config`, `tokenizer` (its definition),
-`train_config`, `data` (what it was trained on) and `metrics`; `last.pt` adds `optimizer`,
-`rng` and `step`, everything needed to resume.
+On disk (format version 1) every checkpoint holds `version`, `model` (weights), `model_config`,
+`tokenizer` (its definition), `train_config`, `data` (what it was trained on) and `metrics` (the
+last measurements); `last.pt` adds `optimizer`, `step`, `elapsed`, `best_val` and `world_size`,
+everything `--resume` needs. `Checkpoint` and `TrainingState` are that layout as types: no other
+module reads the keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import math
 import pickle
 import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from microgpt_cli.config import ModelConfig
+from microgpt_cli.config import ModelConfig, TrainConfig
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.files import atomic_write
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer, from_spec
 
 FORMAT_VERSION = 1
-REQUIRED_KEYS = ("version", "model", "model_config", "tokenizer")
+RUN_FILES = ("best.pt", "last.pt")  # a run dir's checkpoints, in the order `resolve_path` prefers them
+_REQUIRED = ("version", "model", "model_config", "tokenizer")
+_TRAINING_KEYS = ("optimizer", "step", "elapsed", "best_val", "world_size")
 
 
-def save(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(Path(path), lambda f: torch.save({"version": FORMAT_VERSION, **state}, f))
+@dataclass
+class TrainingState:
+    """What resuming needs beyond the weights (only last.pt has it)."""
+
+    optimizers: list[dict[str, Any]]  # one state dict per optimizer, in build order
+    step: int
+    elapsed: float  # seconds of training so far, resumes included
+    best_val: float  # the best validation loss so far (inf before the first evaluation)
+    world_size: int  # processes the run last trained with
 
 
-def model_state(
-    model: torch.nn.Module, tokenizer: Tokenizer, train_config: dict[str, Any] | None = None,
-    data: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The part every checkpoint shares: weights, model config and tokenizer, plus provenance."""
-    gpt = unwrap(model)
-    return {
-        "model": {k: v.detach().cpu() for k, v in gpt.state_dict().items()},
-        "model_config": asdict(gpt.config),
-        "tokenizer": tokenizer.spec,
-        "train_config": train_config or {},
-        "data": data or {},
-        "metrics": metrics or {},
-    }
+@dataclass
+class Checkpoint:
+    """A model with everything needed to use it (config, tokenizer) and where it came from."""
+
+    model: dict[str, torch.Tensor]
+    model_config: ModelConfig
+    tokenizer: dict[str, Any]  # the tokenizer's spec (tokenizer.from_spec rebuilds it)
+    train_config: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields; empty if not trained here
+    data: dict[str, Any] = field(default_factory=dict)  # dataset.data_fingerprint of the training data
+    metrics: dict[str, Any] = field(default_factory=dict)  # events.Metrics at the save
+    training: TrainingState | None = None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, tokenizer: Tokenizer, train_config: TrainConfig | None = None,
+           data: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+           training: TrainingState | None = None) -> Checkpoint:
+        """The checkpoint of a live model (its DDP/compile wrappers stripped, weights on the CPU)."""
+        gpt = unwrap(model)
+        assert isinstance(gpt, GPT)
+        return cls(
+            model={k: v.detach().cpu() for k, v in gpt.state_dict().items()},
+            model_config=gpt.config, tokenizer=tokenizer.spec,
+            train_config=asdict(train_config) if train_config is not None else {},
+            data=data or {}, metrics=metrics or {}, training=training,
+        )
+
+    # Facts for `info` and resuming, from the training state where there is one, else the metrics.
+    @property
+    def step(self) -> int | None:
+        return self.training.step if self.training else self.metrics.get("step")
+
+    @property
+    def elapsed(self) -> float | None:
+        return self.training.elapsed if self.training else self.metrics.get("elapsed")
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.metrics.get("val_loss")
+
+    @property
+    def best_val(self) -> float | None:
+        best = self.training.best_val if self.training else self.val_loss
+        return None if best is None or math.isinf(best) else best
+
+    @property
+    def epoch(self) -> float | None:
+        return self.metrics.get("epoch")
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.metrics.get("train_loss")
+
+    @property
+    def data_dir(self) -> str | None:
+        return self.train_config.get("data")
+
+    @property
+    def input_hashes(self) -> list[str]:
+        """sha256 of each input file the training data was prepared from."""
+        return list(self.data.get("inputs", []))
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the model (a tied head shares the embedding's)."""
+        count = sum(t.numel() for t in self.model.values())
+        if self.model_config.tie_weights and "head.weight" in self.model:
+            count -= self.model["head.weight"].numel()  # one tensor stored under two names
+        return count
+
+    @property
+    def train_settings(self) -> TrainConfig:
+        return TrainConfig(**self.train_config)
+
+    def tokenizer_object(self) -> Tokenizer:
+        return from_spec(self.tokenizer)
+
+    def build_model(self) -> GPT:
+        """The model rebuilt from the stored config, never from CLI flags."""
+        try:
+            model = GPT(self.model_config)
+            model.load_state_dict(self.model)
+        except (TypeError, RuntimeError) as exc:
+            raise MicroGPTError(f"checkpoint weights do not match its model config: {exc}".splitlines()[0]) from exc
+        return model
+
+    def to_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "version": FORMAT_VERSION, "model": self.model, "model_config": asdict(self.model_config),
+            "tokenizer": self.tokenizer, "train_config": self.train_config, "data": self.data, "metrics": self.metrics,
+        }
+        if self.training is not None:
+            t = self.training
+            state.update(optimizer=t.optimizers, step=t.step, elapsed=t.elapsed, best_val=t.best_val,
+                         world_size=t.world_size)
+        return state
+
+    @classmethod
+    def from_dict(cls, state: object, path: Path) -> Checkpoint:
+        if not isinstance(state, dict) or any(k not in state for k in _REQUIRED):
+            raise MicroGPTError(f"{path} is not a microgpt checkpoint (missing model, config or tokenizer)")
+        if state["version"] != FORMAT_VERSION:
+            raise MicroGPTError(
+                f"{path} has checkpoint format version {state['version']}; this microgpt reads version {FORMAT_VERSION}")
+        try:
+            model_config = ModelConfig(**state["model_config"])
+            training = None
+            if "optimizer" in state:
+                training = TrainingState(list(state["optimizer"]), int(state["step"]), float(state["elapsed"]),
+                                         float(state["best_val"]), int(state["world_size"]))
+            checkpoint = cls(dict(state["model"]), model_config, dict(state["tokenizer"]),
+                             dict(state.get("train_config") or {}), dict(state.get("data") or {}),
+                             dict(state.get("metrics") or {}), training)
+        except (TypeError, ValueError, KeyError, MicroGPTError) as exc:
+            raise MicroGPTError(f"{path} is not a valid microgpt checkpoint: {exc}") from None
+        if not all(isinstance(v, torch.Tensor) for v in checkpoint.model.values()):
+            raise MicroGPTError(f"{path} is not a valid microgpt checkpoint: its weights are not all tensors")
+        return checkpoint
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -52,11 +167,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def save(path: str | Path, checkpoint: Checkpoint) -> None:
+    atomic_write(Path(path), lambda f: torch.save(checkpoint.to_dict(), f))
+
+
 def resolve_path(path: str | Path) -> Path:
     """A checkpoint file, or a run dir whose best.pt (else last.pt) is meant."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
+        for name in RUN_FILES:
             if (path / name).is_file():
                 return path / name
         raise MicroGPTError(f"no checkpoint in {path} (expected best.pt or last.pt); train one with `microgpt train`")
@@ -65,11 +184,25 @@ def resolve_path(path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint; a truncated, foreign or malicious file is a clear error."""
+def _check_integrity(path: Path) -> None:
+    """torch.save writes a zip archive with a CRC-32 per record; torch.load does not check them,
+    so a file with flipped bytes would load and give a broken model. Check every record first."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise MicroGPTError(f"{path} is not a readable checkpoint (truncated or corrupted?): {exc}") from None
+    if bad is not None:
+        raise MicroGPTError(f"{path} is corrupted: record {bad} fails its checksum; use another checkpoint "
+                            f"(a run dir keeps best.pt and last.pt)")
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and check a checkpoint; a truncated, corrupted, foreign or malicious file is a clear error."""
     path = resolve_path(path)
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise MicroGPTError(f"{path} is not a microgpt checkpoint (not a torch.save file, or truncated)")
+    _check_integrity(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -79,27 +212,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise MicroGPTError(f"{path} is not a readable checkpoint (truncated or corrupted?): {exc}".splitlines()[0]) from exc
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        raise MicroGPTError(f"{path} is not a microgpt checkpoint (missing model, config or tokenizer)")
-    if state["version"] != FORMAT_VERSION:
-        raise MicroGPTError(
-            f"{path} has checkpoint format version {state['version']}; this microgpt reads version {FORMAT_VERSION}"
-        )
-    return state
-
-
-def build_model(state: dict[str, Any]) -> GPT:
-    """Rebuild the model from the config stored in the checkpoint, never from CLI flags."""
-    try:
-        model = GPT(ModelConfig(**state["model_config"]))
-        model.load_state_dict(state["model"])
-    except (TypeError, RuntimeError) as exc:
-        raise MicroGPTError(f"checkpoint weights do not match its model config: {exc}".splitlines()[0]) from exc
-    return model
+    return Checkpoint.from_dict(state, path)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """The model (in eval mode, on `device`) and tokenizer of a checkpoint file or run dir."""
-    state = load(path)
-    model = build_model(state).to(device).eval()
-    return model, from_spec(state["tokenizer"])
+    checkpoint = load(path)
+    model = checkpoint.build_model().to(device).eval()
+    return model, checkpoint.tokenizer_object()

@@ -1,19 +1,39 @@
-"""The `microgpt` command: parse options, call the library, render with Rich. No ML logic here."""
+"""The `microgpt` command: parse options, call the library, render with Rich. No ML logic here.
+
+Option defaults, help texts and choices come from the library's dataclasses (config.ModelConfig,
+config.TrainConfig, config.SamplingSettings) and constants, never from literals written here."""
 
 from __future__ import annotations
 
 import os
 import sys
-from enum import Enum
+import time
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
 from rich.markup import escape
 
 from microgpt_cli import __version__
-from microgpt_cli.errors import Interrupted, MicroGPTError
+from microgpt_cli.config import (
+    Activation, InvalidSetting, ModelConfig, Norm, OptimizerName, Position, SamplingSettings, TrainConfig, setting_fields,
+)
+from microgpt_cli.errors import Interrupted, MicroGPTError, describe_os_error
 from microgpt_cli.progress import stderr
+
+STARTED = time.perf_counter()  # a --time-budget counts from here: importing torch is part of the run
+
+_display_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_type(self: typer.core.TyperOption, ctx: Any) -> Optional[str]:
+    # Typer shows flags (--help, --version, --force) with a "<bool>" value they do not take.
+    return None if self.is_flag else _display_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="microgpt",
@@ -33,7 +53,7 @@ CheckpointOpt = Annotated[
                        help="Checkpoint file, or a run dir (its best.pt is used).")
 ]
 DeviceOpt = Annotated[str, typer.Option(
-    envvar=DEVICE_ENV, help="Where to run: auto, cpu, cuda or mps (auto picks cuda, then mps, then cpu).")]
+    envvar=DEVICE_ENV, help="Where to run: auto, cpu, cuda, cuda:N or mps (auto picks cuda, then mps, then cpu).")]
 _TOML_TYPES: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,)}
 
 
@@ -41,7 +61,7 @@ def _option_keys(command: typer.core.TyperCommand) -> dict[str, typer.core.Typer
     """Config-file keys of a command's options: the option names with underscores (aliases too)."""
     keys = {}
     for param in command.params:
-        if not isinstance(param, typer.core.TyperOption) or param.is_eager or param.name == "config":
+        if not isinstance(param, typer.core.TyperOption) or param.is_eager or param.name in (None, "config"):
             continue
         keys[param.name] = param
         for opt in param.opts:
@@ -57,18 +77,19 @@ def _apply_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Op
         return None
     from microgpt_cli.config import read_toml
 
-    keys = _option_keys(ctx.command)
+    keys = _option_keys(ctx.command)  # type: ignore[arg-type]
     defaults = {}
     for key, item in read_toml(value).items():
         if key not in keys:
             raise MicroGPTError(f"config file {value}: unknown key {key!r}; `microgpt {ctx.info_name}` takes "
-                                f"{', '.join(sorted(p.name for p in set(keys.values())))}")
+                                f"{', '.join(sorted(str(p.name) for p in set(keys.values())))}")
         option = keys[key]
-        wanted = _TOML_TYPES.get(option.type_descriptor.annotation, (str,))
+        annotation = option.type_descriptor.annotation
+        wanted = _TOML_TYPES.get(annotation, (str,))
         if not isinstance(item, wanted) or isinstance(item, bool) != (wanted == (bool,)):
-            kind = {int: "an integer", float: "a number", bool: "true or false"}.get(option.type_descriptor.annotation, "a string")
+            kind = {int: "an integer", float: "a number", bool: "true or false"}.get(annotation, "a string")
             raise MicroGPTError(f"config file {value}: {key} must be {kind}, got {item!r}")
-        defaults[option.name] = item
+        defaults[str(option.name)] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -83,7 +104,8 @@ def _stronger(ctx: typer.Context, **values: object) -> Optional[str]:
     """Which of two exclusive options to use: the one given the strongest way (flag, then
     environment variable, then --config file); both given the same way is a user mistake."""
     order = ("DEFAULT_MAP", "ENVIRONMENT", "COMMANDLINE")
-    given = {name: order.index(ctx.get_parameter_source(name).name) for name, v in values.items() if v is not None}
+    sources = {name: ctx.get_parameter_source(name) for name, v in values.items() if v is not None}
+    given = {name: order.index(source.name) for name, source in sources.items() if source is not None}
     if len(given) < 2:
         return next(iter(given), None)
     (first, rank1), (second, rank2) = sorted(given.items(), key=lambda kv: -kv[1])
@@ -107,40 +129,71 @@ def _root(
     pass
 
 
+def _field_option(cls: type, name: str, panel: Optional[str] = None, envvar: Optional[str] = None) -> Any:
+    """The option of dataclass field `name`, with the field's flags and help (and, by _default,
+    its default)."""
+    f = setting_fields(cls)[name]
+    flags = f.metadata["flags"] or ("--" + name.replace("_", "-"),)
+    return typer.Option(*flags, help=f.metadata["help"], rich_help_panel=panel, envvar=envvar)
+
+
+def _default(cls: type, name: str) -> Any:
+    return setting_fields(cls)[name].default
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was given (flag, environment variable or --config file), not defaulted."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _sampling_option(name: str) -> Any:
+    """A generate option whose help is config.SamplingSettings's (its default too: _sampling_default)."""
+    f = setting_fields(SamplingSettings)[name]
+    return typer.Option(*(f.metadata["flags"] or ("--" + name.replace("_", "-"),)), help=f.metadata["help"])
+
+
+def _sampling_default(name: str) -> Any:
+    return _default(SamplingSettings, name)
+
+
 # --- prepare ---------------------------------------------------------------------------------
 
-
-class DecodeErrors(str, Enum):
-    strict = "strict"
-    replace = "replace"
+from microgpt_cli.dataprep import (  # noqa: E402  (after the Typer patch above; imports no torch)
+    DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, ErrorMode, SampleName,
+)
 
 
 @app.command()
 def prepare(
-    inputs: Annotated[list[str], typer.Argument(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
         help="Text files, directories (their non-hidden text files, recursively, sorted) or - for stdin.",
-        show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", envvar=DATA_ENV, help="Data dir to create: train.bin, val.bin and meta.json.")] = Path("data"),
+        show_default=False)] = None,
+    sample: Annotated[Optional[SampleName], typer.Option(
+        help="A corpus packaged with microgpt (tinyshakespeare: 1.1 MB of Shakespeare's plays), instead of "
+             "or besides INPUTS.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", envvar=DATA_ENV, help="Data dir to create: train.bin, val.bin and meta.json.")] = Path("data"),
     tokenizer: Annotated[str, typer.Option("--tokenizer", "-t", help=(
         "gpt2 (GPT-2 BPE, offline), char (one id per distinct character), bpe (a byte-level BPE of "
-        "--vocab-size trained on this text) or a tiktoken encoding name such as cl100k_base."))] = "gpt2",
+        "--vocab-size trained on this text) or a tiktoken encoding name such as cl100k_base."))] = DEFAULT_TOKENIZER,
     vocab_size: Annotated[Optional[int], typer.Option(
-        help="Vocabulary size to train for --tokenizer bpe, 257 to 200000 (4096 when not given).",
+        help=f"Vocabulary size to train for --tokenizer bpe, 257 to 200000 ({DEFAULT_BPE_VOCAB_SIZE} when not given).",
         show_default=False)] = None,
     val_fraction: Annotated[float, typer.Option(
-        help="Fraction at the end of every input (cut at a line start) that goes to the validation split.")] = 0.1,
+        help="Fraction at the end of every input (cut at a line start) that goes to the validation split."
+    )] = DEFAULT_VAL_FRACTION,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace --out if it exists; the old dir is deleted only once the new one is in place.")] = False,
-    errors: Annotated[DecodeErrors, typer.Option(
-        help="Invalid UTF-8: strict stops with the file and byte offset, replace substitutes U+FFFD.")] = DecodeErrors.strict,
+    errors: Annotated[ErrorMode, typer.Option(
+        help="Invalid UTF-8: strict stops with the file and byte offset, replace substitutes U+FFFD.")] = "strict",
 ) -> None:
     """Tokenize text into a data dir (train.bin, val.bin, meta.json) for `microgpt train`."""
     import signal
-    import time
 
     from rich.table import Table
 
-    from microgpt_cli.data import prepare as prepare_data
+    from microgpt_cli.dataprep import prepare as prepare_data
     from microgpt_cli.progress import Task
 
     def interrupt(signum: int, frame: object) -> None:
@@ -160,9 +213,12 @@ def prepare(
                     task.update(done)
 
             meta = prepare_data(
-                inputs, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
-                force=force, errors=errors.value, on_total=set_total, on_progress=progress,
+                inputs or [], out, sample=sample, tokenizer=tokenizer, vocab_size=vocab_size,
+                val_fraction=val_fraction, force=force, errors=errors, on_total=set_total, on_progress=progress,
             )
+    except KeyboardInterrupt:
+        kept = f"{out} is as it was" if out.exists() else f"{out} was not created"
+        raise Interrupted(f"prepare was interrupted; nothing was written: {kept}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     table = Table(title=f"prepared {escape(str(out))}", title_justify="left", show_header=False)
@@ -184,80 +240,74 @@ M = "Model"  # help panels group the many train options
 T = "Training"
 
 
-def _opt(*names: str, help: str, default: object = None, panel: str = T, envvar: Optional[str] = None) -> typer.models.OptionInfo:
-    """An option whose absence is None (so a --config file or --preset can fill it), showing its real default."""
-    return typer.Option(*names, help=help, show_default=str(default) if default is not None else False,
-                        rich_help_panel=panel, envvar=envvar)
+def _model(name: str) -> Any:
+    return _field_option(ModelConfig, name, panel=M)
+
+
+def _train(name: str, envvar: Optional[str] = None) -> Any:
+    return _field_option(TrainConfig, name, panel=T, envvar=envvar)
 
 
 @app.command()
 def train(
-    data: Annotated[Optional[Path], _opt("--data", help="Prepared data dir.", default="data", envvar=DATA_ENV)] = None,
-    out: Annotated[Optional[Path], _opt("--out", help="Run dir for best.pt, last.pt, metrics.jsonl, config.toml.", default="out", envvar=OUT_ENV)] = None,
+    ctx: typer.Context,
+    data: Annotated[Path, _train("data", envvar=DATA_ENV)] = Path(_default(TrainConfig, "data")),
+    out: Annotated[Path, _train("out", envvar=OUT_ENV)] = Path(_default(TrainConfig, "out")),
     config: ConfigOpt = None,
-    preset: Annotated[Optional[str], _opt("--preset", help="Named hyperparameter set (cpu, gpt2); flags override it.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where last.pt left it.", rich_help_panel=T)] = False,
-    force: Annotated[bool, typer.Option(help="Start over even if --out already holds a run.", rich_help_panel=T)] = False,
-    epochs: Annotated[Optional[float], _opt("--epochs", help="Full passes over the training split.", default=390)] = None,
-    max_steps: Annotated[Optional[int], _opt("--max-steps", help="Stop after this many optimizer steps (0: no cap).", default=0)] = None,
-    time_budget: Annotated[Optional[float], _opt("--time-budget", help="Stop after this many seconds; the LR schedule ends there (0: no cap).", default=0)] = None,
-    batch_size: Annotated[Optional[int], _opt("--batch-size", "--batches", help="Sequences per micro-batch.", default=8)] = None,
-    grad_accum: Annotated[Optional[int], _opt("--grad-accum", help="Micro-batches per optimizer step.", default=1)] = None,
-    lr: Annotated[Optional[float], _opt("--lr", help="Peak learning rate.", default=3e-3)] = None,
-    min_lr_ratio: Annotated[Optional[float], _opt("--min-lr-ratio", help="Final LR as a fraction of the peak.", default=0.1)] = None,
-    warmup_steps: Annotated[Optional[int], _opt("--warmup-steps", help="Linear warmup steps.", default=100)] = None,
-    weight_decay: Annotated[Optional[float], _opt("--weight-decay", help="AdamW weight decay on matrices.", default=0.1)] = None,
-    grad_clip: Annotated[Optional[float], _opt("--grad-clip", help="Clip the gradient norm (0: off).", default=1.0)] = None,
-    beta1: Annotated[Optional[float], _opt("--beta1", help="AdamW first-moment decay.", default=0.9)] = None,
-    beta2: Annotated[Optional[float], _opt("--beta2", help="AdamW second-moment decay.", default=0.95)] = None,
-    optimizer: Annotated[Optional[str], _opt("--optimizer", help="adamw, or muon for the blocks' matrices (AdamW for the rest).", default="adamw")] = None,
-    muon_lr: Annotated[Optional[float], _opt("--muon-lr", help="Learning rate of the Muon matrices.", default=0.02)] = None,
-    eval_interval: Annotated[Optional[int], _opt("--eval-interval", help="Evaluate and save every N steps.", default=250)] = None,
-    eval_tokens: Annotated[Optional[int], _opt("--eval-tokens", help="Validation tokens per evaluation (0: the whole split).", default=0)] = None,
-    log_interval: Annotated[Optional[int], _opt("--log-interval", help="Log the train loss every N steps.", default=10)] = None,
-    seed: Annotated[Optional[int], _opt("--seed", help="Seed for init, dropout and data order.", default=1337)] = None,
-    device: Annotated[Optional[str], _opt("--device", help="auto, cpu, cuda or mps.", default="auto", envvar=DEVICE_ENV)] = None,
-    compile: Annotated[Optional[bool], _opt("--compile/--no-compile", help="Compile the model with torch.compile.", default=False)] = None,
-    threads: Annotated[Optional[int], _opt("--threads", help="CPU threads for torch (0: torch's default).", default=0)] = None,
-    n_layer: Annotated[Optional[int], _opt("--n-layer", help="Transformer blocks.", default=6, panel=M)] = None,
-    n_head: Annotated[Optional[int], _opt("--n-head", "--n-ma", help="Attention heads per block.", default=8, panel=M)] = None,
-    n_embed: Annotated[Optional[int], _opt("--n-embed", help="Embedding width.", default=512, panel=M)] = None,
-    context: Annotated[Optional[int], _opt("--context", "--text-size", help="Context length in tokens.", default=512, panel=M)] = None,
-    dropout: Annotated[Optional[float], _opt("--dropout", help="Dropout probability.", default=0.1, panel=M)] = None,
-    position: Annotated[Optional[str], _opt("--position", help="Positions: learned or rope (rotary).", default="learned", panel=M)] = None,
-    norm: Annotated[Optional[str], _opt("--norm", help="layernorm or rmsnorm.", default="layernorm", panel=M)] = None,
-    activation: Annotated[Optional[str], _opt("--activation", help="Feed-forward activation: relu, relu2 (ReLU squared) or gelu.", default="relu", panel=M)] = None,
-    qk_norm: Annotated[Optional[bool], _opt("--qk-norm/--no-qk-norm", help="RMS-normalize queries and keys.", default=False, panel=M)] = None,
-    tie_weights: Annotated[Optional[bool], _opt("--tie-weights/--untie-weights", help="Share the token embedding with the output head.", default=True, panel=M)] = None,
-    bias: Annotated[Optional[bool], _opt("--bias/--no-bias", help="Biases in linear layers and LayerNorm.", default=True, panel=M)] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        help="Named hyperparameter set (cpu, gpt2); flags override it.", rich_help_panel=T)] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out where last.pt left it; options given now change it (stopping point, LR, "
+             "evaluation...), except the model's shape, batch, seed and optimizer.", rich_help_panel=T)] = False,
+    force: Annotated[bool, typer.Option(
+        help="Start over even if --out already holds a run (its files are deleted first).", rich_help_panel=T)] = False,
+    epochs: Annotated[float, _train("epochs")] = _default(TrainConfig, "epochs"),
+    max_steps: Annotated[int, _train("max_steps")] = _default(TrainConfig, "max_steps"),
+    time_budget: Annotated[float, _train("time_budget")] = _default(TrainConfig, "time_budget"),
+    batch_size: Annotated[int, _train("batch_size")] = _default(TrainConfig, "batch_size"),
+    grad_accum: Annotated[int, _train("grad_accum")] = _default(TrainConfig, "grad_accum"),
+    lr: Annotated[float, _train("lr")] = _default(TrainConfig, "lr"),
+    min_lr_ratio: Annotated[float, _train("min_lr_ratio")] = _default(TrainConfig, "min_lr_ratio"),
+    warmup_steps: Annotated[int, _train("warmup_steps")] = _default(TrainConfig, "warmup_steps"),
+    weight_decay: Annotated[float, _train("weight_decay")] = _default(TrainConfig, "weight_decay"),
+    grad_clip: Annotated[float, _train("grad_clip")] = _default(TrainConfig, "grad_clip"),
+    beta1: Annotated[float, _train("beta1")] = _default(TrainConfig, "beta1"),
+    beta2: Annotated[float, _train("beta2")] = _default(TrainConfig, "beta2"),
+    optimizer: Annotated[OptimizerName, _train("optimizer")] = _default(TrainConfig, "optimizer"),
+    muon_lr: Annotated[float, _train("muon_lr")] = _default(TrainConfig, "muon_lr"),
+    eval_interval: Annotated[int, _train("eval_interval")] = _default(TrainConfig, "eval_interval"),
+    eval_tokens: Annotated[int, _train("eval_tokens")] = _default(TrainConfig, "eval_tokens"),
+    log_interval: Annotated[int, _train("log_interval")] = _default(TrainConfig, "log_interval"),
+    seed: Annotated[int, _train("seed")] = _default(TrainConfig, "seed"),
+    device: Annotated[str, _train("device", envvar=DEVICE_ENV)] = _default(TrainConfig, "device"),
+    compile: Annotated[bool, _train("compile")] = _default(TrainConfig, "compile"),
+    threads: Annotated[int, _train("threads")] = _default(TrainConfig, "threads"),
+    n_layer: Annotated[int, _model("n_layer")] = _default(ModelConfig, "n_layer"),
+    n_head: Annotated[int, _model("n_head")] = _default(ModelConfig, "n_head"),
+    n_embed: Annotated[int, _model("n_embed")] = _default(ModelConfig, "n_embed"),
+    context: Annotated[int, _model("context")] = _default(ModelConfig, "context"),
+    dropout: Annotated[float, _model("dropout")] = _default(ModelConfig, "dropout"),
+    position: Annotated[Position, _model("position")] = _default(ModelConfig, "position"),
+    norm: Annotated[Norm, _model("norm")] = _default(ModelConfig, "norm"),
+    activation: Annotated[Activation, _model("activation")] = _default(ModelConfig, "activation"),
+    qk_norm: Annotated[bool, _model("qk_norm")] = _default(ModelConfig, "qk_norm"),
+    tie_weights: Annotated[bool, _model("tie_weights")] = _default(ModelConfig, "tie_weights"),
+    bias: Annotated[bool, _model("bias")] = _default(ModelConfig, "bias"),
 ) -> None:
     """Train a GPT on a prepared data dir, keeping the best and the last checkpoint."""
+    # The settings asked for by a flag, an environment variable or a --config file: they beat the
+    # preset, and --resume applies just these to the saved run.
     options = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()
-               if k not in ("preset", "resume", "force", "config")}
-    from microgpt_cli.config import ModelConfig, TrainConfig, resolve
+               if k not in ("ctx", "preset", "resume", "force", "config") and _given(ctx, k)}
+    from microgpt_cli.config import resolve
     from microgpt_cli.progress import TrainDisplay
-    from microgpt_cli.train import train as run_training
+    from microgpt_cli.training import train as run_training
 
     model_kwargs, train_kwargs = resolve(preset, options)
-    model_config = ModelConfig(**model_kwargs)
-    train_config = TrainConfig(**train_kwargs)
+    given = set(model_kwargs) | set(train_kwargs)
     with TrainDisplay() as display:
-
-        def on_event(kind: str, info: dict) -> None:
-            if kind == "start":  # the settings in force (on --resume, the saved run's)
-                _show_settings(info["model_config"], info["train_config"])
-            display.event(kind, info)
-
-        summary = run_training(model_config, train_config, resume=resume, force=force, on_event=on_event)
-    display.summary(summary)
-
-
-def _show_settings(model_config: dict, train_config: dict) -> None:
-    from microgpt_cli.config import CONFIG_FILE
-
-    line = " ".join(f"{k}={v}" for k, v in {**model_config, **train_config}.items())
-    stderr.print(f"[dim]settings (saved in {escape(str(Path(train_config['out']) / CONFIG_FILE))}): {escape(line)}[/]",
-                 highlight=False, soft_wrap=True)
+        run_training(ModelConfig(**model_kwargs), TrainConfig(**train_kwargs), resume=resume, force=force,
+                     on_event=display.event, given=given, started=STARTED)
 
 
 # --- eval ------------------------------------------------------------------------------------
@@ -269,11 +319,14 @@ def eval_command(
     checkpoint: CheckpointOpt = Path("out"),
     data: Annotated[
         Optional[Path], typer.Option(envvar=DATA_ENV, help="Prepared data dir whose whole validation split is scored.",
-                                     show_default="data")
+                                     show_default=setting_fields(TrainConfig)["data"].default)
     ] = None,
     text: Annotated[
         Optional[Path], typer.Option(help="Score this UTF-8 text file instead, tokenized with the checkpoint's tokenizer.")
     ] = None,
+    skip_unknown: Annotated[bool, typer.Option(
+        "--skip-unknown", help="With --text: leave out characters the checkpoint's char vocabulary lacks (they are "
+                               "counted in the result) instead of stopping.")] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object: loss, perplexity, bits_per_byte, tokens, seconds.")
     ] = False,
@@ -286,15 +339,13 @@ def eval_command(
         data = None
     else:
         text = None
-    data = data or Path("data")
+    data = data or Path(setting_fields(TrainConfig)["data"].default)
     import json
-    import time
 
     from rich.console import Console
-    from rich.table import Table
 
-    from microgpt_cli.evaluate import evaluate
-    from microgpt_cli.progress import Task
+    from microgpt_cli.evaluation import evaluate
+    from microgpt_cli.progress import Task, eval_table
 
     started = time.monotonic()
     with Task("eval", total=None, unit="tokens") as task:
@@ -303,19 +354,11 @@ def eval_command(
             if task.live or time.monotonic() - started > 5:
                 task.update(done, total=total)
 
-        result = evaluate(checkpoint, data, text, batch_size, device, on_progress=progress)
+        result = evaluate(checkpoint, data, text, batch_size, device, on_progress=progress, skip_unknown=skip_unknown)
     if json_output:
         typer.echo(json.dumps(result.to_dict()))
         return
-    table = Table(title=escape(f"{checkpoint} on {text if text is not None else data / 'val.bin'}"))
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("loss (nats/token)", f"{result.loss:.4f}")
-    table.add_row("perplexity", f"{result.perplexity:.3f}")
-    table.add_row("bits per byte", f"{result.bits_per_byte:.4f}")
-    table.add_row("tokens", f"{result.tokens:,}")
-    table.add_row("seconds", f"{result.seconds:.2f}")
-    Console().print(table)
+    Console().print(eval_table(result, f"{checkpoint} on {text if text is not None else data / 'val.bin'}"))
 
 
 # --- generate --------------------------------------------------------------------------------
@@ -329,19 +372,13 @@ def generate(
         Optional[str], typer.Option(help="Text to continue; empty starts from a document boundary.")
     ] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this UTF-8 file.")] = None,
-    length: Annotated[int, typer.Option(help="New tokens per sample (fewer if --stop ends it).")] = 200,
-    temperature: Annotated[float, typer.Option(help="Randomness: 0 is greedy, 1 samples the model as is.")] = 0.8,
-    top_k: Annotated[
-        int, typer.Option(help="Sample from the K likeliest tokens only (K at least the vocabulary size: off).")
-    ] = 50,
-    top_p: Annotated[
-        float, typer.Option(help="Sample from the likeliest tokens covering probability P only (1: off).")
-    ] = 1.0,
-    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same text.")] = 1337,
+    length: Annotated[int, _sampling_option("length")] = _sampling_default("length"),
+    temperature: Annotated[float, _sampling_option("temperature")] = _sampling_default("temperature"),
+    top_k: Annotated[int, _sampling_option("top_k")] = _sampling_default("top_k"),
+    top_p: Annotated[float, _sampling_option("top_p")] = _sampling_default("top_p"),
+    seed: Annotated[int, _sampling_option("seed")] = _sampling_default("seed"),
     num_samples: Annotated[int, typer.Option(help="Samples to write, separated by a '---' line.")] = 1,
-    stop: Annotated[
-        Optional[str], typer.Option(help="End a sample where this text appears (the stop text is not printed).")
-    ] = None,
+    stop: Annotated[Optional[str], _sampling_option("stop")] = _sampling_default("stop"),
     device: DeviceOpt = "auto",
     config: ConfigOpt = None,
 ) -> None:
@@ -353,29 +390,38 @@ def generate(
     if num_samples < 1:
         raise MicroGPTError(f"--num-samples must be at least 1, got {num_samples}")
     from microgpt_cli.checkpoint import resolve_path
-    from microgpt_cli.evaluate import read_text
-    from microgpt_cli.sampling import SamplingSettings, TextStream, decoding_model, load_model, make_generator, prompt_ids
+    from microgpt_cli.evaluation import read_text
+    from microgpt_cli.sampling import TextStream, decoding_model, load_model, make_generator, prompt_ids
 
-    settings = SamplingSettings(length, temperature, top_k, top_p, stop)
+    settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed)
     start_text = read_text(prompt_file) if prompt_file is not None else prompt or ""
     model, tokenizer = load_model(checkpoint, None, device)
     prompt_ids(tokenizer, start_text)  # a prompt the tokenizer cannot encode fails before any output
     weights = model.tok_emb.weight
     stderr.print(
         f"[dim]{escape(str(resolve_path(checkpoint)))}: {model.num_params() / 1e6:.2f}M parameters, "
-        f"{tokenizer.name} tokenizer, on {weights.device}[/]", highlight=False, soft_wrap=True,
+        f"{escape(tokenizer.name)} tokenizer, on {weights.device}[/]", highlight=False, soft_wrap=True,
     )
     generator = make_generator(weights.device, seed)  # one stream: the whole batch of samples is reproducible
     model = decoding_model(model)
-    for i in range(num_samples):
-        stream = TextStream(model, tokenizer, start_text, settings, generator)
-        for piece in stream:
-            sys.stdout.write(piece)
+    written, stream = 0, None
+    try:
+        for i in range(num_samples):
+            stream = TextStream(model, tokenizer, start_text, settings, generator)
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            written += stream.new_tokens
+            sys.stdout.write("\n" if i + 1 == num_samples else "\n\n---\n\n")
             sys.stdout.flush()
-        sys.stdout.write("\n" if i + 1 == num_samples else "\n\n---\n\n")
+            rate = stream.new_tokens / stream.seconds if stream.seconds > 0 else 0.0
+            stderr.print(f"[dim]{stream.new_tokens} tokens in {stream.seconds:.2f}s ({rate:.1f} tokens/s)[/]",
+                         highlight=False)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
         sys.stdout.flush()
-        rate = stream.new_tokens / stream.seconds if stream.seconds > 0 else 0.0
-        stderr.print(f"[dim]{stream.new_tokens} tokens in {stream.seconds:.2f}s ({rate:.1f} tokens/s)[/]", highlight=False)
+        done = written + (len(stream.new_ids) if stream is not None else 0)
+        raise Interrupted(f"generation interrupted after {done:,} new tokens; the text so far is on stdout") from None
 
 
 # --- info, plot, export ----------------------------------------------------------------------
@@ -407,14 +453,16 @@ def info(
     Console().print(table)
 
 
-def _info_rows(facts: dict) -> list[tuple[str, str]]:
+def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
     from microgpt_cli.progress import format_seconds
 
     tok = facts["tokenizer"]
     if facts["kind"] == "data":
         rows = [("tokenizer", f"{tok['name']} ({tok['vocab_size']:,} tokens, stored as {facts['dtype']})")]
-        rows += [(f"{split} split", f"{c['tokens']:,} tokens ({c['bytes']:,} bytes)") for split, c in facts["splits"].items()]
-        rows += [("input", f"{i['path']} ({i.get('bytes', 0):,} bytes, sha256 {str(i.get('sha256'))[:12]})") for i in facts["inputs"]]
+        rows += [(f"{split} split", f"{c['tokens']:,} tokens ({c['bytes']:,} bytes)")
+                 for split, c in facts["splits"].items()]
+        rows += [("input", f"{i['path']} ({i.get('bytes', 0):,} bytes, sha256 {str(i.get('sha256'))[:12]})")
+                 for i in facts["inputs"]]
         return rows + [("prepared", facts["file"]["modified"])]
     m, t = facts["model"], facts["training"]
     shape = f"{m['n_layer']} layers x {m['n_embed']} wide, {m['n_head']} heads, context {m['context']}"
@@ -425,9 +473,12 @@ def _info_rows(facts: dict) -> list[tuple[str, str]]:
         ("shape", shape),
         ("architecture", options),
         ("tokenizer", f"{tok['name']} ({tok['vocab_size']:,} tokens)"),
-        ("trained on", f"{facts['data']['dir'] or '?'} ({len(facts['data']['inputs_sha256'])} input files)"),
+        ("trained on", f"{facts['data']['dir'] or '-'} ({len(facts['data']['inputs_sha256'])} input files)"),
     ]
-    num = lambda value, fmt: "-" if value is None else format(value, fmt)  # noqa: E731
+
+    def num(value: Optional[float], fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
     rows += [
         ("steps", num(t["step"], ",")),
         ("epochs", num(t["epoch"], ".2f")),
@@ -443,28 +494,24 @@ def _info_rows(facts: dict) -> list[tuple[str, str]]:
     return rows
 
 
-class XAxis(str, Enum):
-    step = "step"
-    tokens = "tokens"
-    time = "time"
+from microgpt_cli.plot import X_AXES, XAxis  # noqa: E402  (no matplotlib import until a plot is drawn)
 
 
 @app.command()
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run dirs (from train) to draw on one chart.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("runs.png"),
-    x: Annotated[XAxis, typer.Option("--x", help="Horizontal axis: optimizer steps, tokens seen or seconds.")] = XAxis.step,
+    x: Annotated[XAxis, typer.Option(
+        "--x", help=f"Horizontal axis: {', '.join(f'{k} ({v})' for k, v in X_AXES.items())}.")] = "step",
 ) -> None:
     """Draw the loss curves of one or more runs into a PNG: val loss solid, train loss faint."""
     from microgpt_cli.plot import save_runs_plot
 
-    path = save_runs_plot(run_dirs, out, x.value)
+    path = save_runs_plot(run_dirs, out, x)
     stderr.print(f"wrote {escape(str(path))}", highlight=False)
 
 
-class ExportFormat(str, Enum):
-    hf = "hf"
-    safetensors = "safetensors"
+from microgpt_cli.export import FORMATS, ExportFormat  # noqa: E402
 
 
 @app.command()
@@ -473,14 +520,14 @@ def export(
     checkpoint: CheckpointOpt = Path("out"),
     format: Annotated[ExportFormat, typer.Option(
         "--format", "-f", help="hf: a transformers GPT-2 model dir (GPT2LMHeadModel.from_pretrained); "
-        "safetensors: the plain weights and config.json.")] = ExportFormat.hf,
+        "safetensors: the plain weights and config.json.")] = FORMATS[0],
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is not empty.")] = False,
 ) -> None:
     """Export a checkpoint for other tools: Hugging Face transformers GPT-2, or plain safetensors."""
     from microgpt_cli.export import export as export_model
 
-    path = export_model(checkpoint, out, format.value, force)
-    stderr.print(f"exported {escape(str(checkpoint))} as {format.value} to {escape(str(path))}", highlight=False)
+    path = export_model(checkpoint, out, format, force)
+    stderr.print(f"exported {escape(str(checkpoint))} as {format} to {escape(str(path))}", highlight=False)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -489,18 +536,28 @@ def main(argv: Optional[list[str]] = None) -> None:
         code = app(argv, prog_name="microgpt", standalone_mode=False)
     except Interrupted as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one message for the whole job
-            stderr.print(f"[bold yellow]{exc.label}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _error_line(exc.label, str(exc), "yellow")
+        sys.exit(exc.exit_code)
+    except InvalidSetting as exc:
+        _error_line(exc.label, exc.with_flags())
         sys.exit(exc.exit_code)
     except MicroGPTError as exc:
-        stderr.print(f"[bold red]{exc.label}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _error_line(exc.label, str(exc))
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # bad option or value, caught by the parser
-        stderr.print(f"[bold red]error:[/] {escape(exc.format_message())} (see --help)", highlight=False, soft_wrap=True)
+        _error_line("error", f"{exc.format_message()} (see --help)")
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
-        stderr.print("[bold red]interrupted[/]")
+        _error_line("stopped", "interrupted", "yellow")
         sys.exit(130)
     except BrokenPipeError:  # e.g. `microgpt generate ... | head`
         sys.stderr.close()
         sys.exit(0)
+    except OSError as exc:  # a file or dir the user named cannot be read or written
+        _error_line("error", describe_os_error(exc))
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error_line(label: str, message: str, color: str = "red") -> None:
+    stderr.print(f"[bold {color}]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)

@@ -1,12 +1,15 @@
-"""Every hyperparameter lives in one of these dataclasses: the CLI, presets and checkpoints share them."""
+"""Every hyperparameter lives in one of these dataclasses, with its default, help text and choices:
+the CLI builds its options from them, and presets, TOML files and checkpoints serialize them."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -17,20 +20,73 @@ from microgpt_cli import __version__
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.files import atomic_write
 
-POSITIONS = ("learned", "rope")
-NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("relu", "relu2", "gelu")
-OPTIMIZERS = ("adamw", "muon")
-DEVICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" is accepted too
+Position = Literal["learned", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+Activation = Literal["relu", "relu2", "gelu"]
+OptimizerName = Literal["adamw", "muon"]
+DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d{1,3})?)")
+MAX_SEED = 2**63 - 1  # the largest integer a TOML file (and config.toml) can hold
+MAX_THREADS = 1024  # far above any CPU; OpenMP crashes when asked for ~100,000
 
 
-def _require(ok: bool, message: str) -> None:
+class InvalidSetting(MicroGPTError):
+    """A setting out of range. The message names dataclass fields (`n_embed`); `fields` lists
+    them so that the CLI can show the matching flags (`--n-embed`) instead."""
+
+    def __init__(self, message: str, *names: str):
+        super().__init__(message)
+        self.names = names
+
+    def with_flags(self) -> str:
+        """The message with every field name written as its command-line flag."""
+        if not self.names:
+            return str(self)
+        pattern = r"\b(" + "|".join(map(re.escape, self.names)) + r")\b"
+        return re.sub(pattern, lambda m: flag_name(m.group(1)), str(self))
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def setting(default: Any, help: str, *flags: str) -> Any:
+    """A dataclass field that is also a command-line option: its default and help are the CLI's,
+    `flags` (if given) its option names."""
+    return field(default=default, metadata={"help": help, "flags": flags})
+
+
+def _require(ok: bool, message: str, *names: str) -> None:
     if not ok:
-        raise MicroGPTError(message)
+        raise InvalidSetting(message, *names)
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+def _validate(obj: object) -> None:
+    """Checks every dataclass gets from its types: Literal choices, finite numbers, ints that
+    are not bools."""
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):  # type: ignore[arg-type]
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if get_origin(hint) is Literal:
+            choices = get_args(hint)
+            _require(value in choices, f"{f.name} must be one of {', '.join(choices)}, got {value!r}", f.name)
+        elif hint is float:
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                     f"{f.name} must be a finite number, got {value!r}", f.name)
+        elif hint is int:
+            _require(isinstance(value, int) and not isinstance(value, bool), f"{f.name} must be an integer, got {value!r}",
+                     f.name)
+        elif hint is bool:
+            _require(isinstance(value, bool), f"{f.name} must be true or false, got {value!r}", f.name)
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        _require(getattr(obj, name) > 0, f"{name} must be positive, got {getattr(obj, name)}", name)
+
+
+def _not_negative(obj: object, *names: str) -> None:
+    for name in names:
+        _require(getattr(obj, name) >= 0, f"{name} must not be negative, got {getattr(obj, name)}", name)
 
 
 @dataclass
@@ -38,32 +94,29 @@ class ModelConfig:
     """The GPT architecture. Defaults are the product's specified model; the options after
     `dropout` change it and are off by default."""
 
-    vocab_size: int = 50257
-    n_layer: int = 6
-    n_head: int = 8
-    n_embed: int = 512
-    context: int = 512
-    dropout: float = 0.1
-    position: str = "learned"
-    norm: str = "layernorm"
-    activation: str = "relu"
-    qk_norm: bool = False
-    tie_weights: bool = True
-    bias: bool = True
+    vocab_size: int = setting(50257, "Vocabulary size (set from the data dir).")
+    n_layer: int = setting(6, "Transformer blocks.")
+    n_head: int = setting(8, "Attention heads per block.", "--n-head", "--n-ma")
+    n_embed: int = setting(512, "Embedding width.")
+    context: int = setting(512, "Context length in tokens.", "--context", "--text-size")
+    dropout: float = setting(0.1, "Dropout probability.")
+    position: Position = setting("learned", "Positions: learned or rope (rotary).")
+    norm: Norm = setting("layernorm", "Normalization: layernorm or rmsnorm.")
+    activation: Activation = setting("relu", "Feed-forward activation: relu, relu2 (ReLU squared) or gelu.")
+    qk_norm: bool = setting(False, "RMS-normalize queries and keys.", "--qk-norm/--no-qk-norm")
+    tie_weights: bool = setting(True, "Share the token embedding with the output head.",
+                                "--tie-weights/--untie-weights")
+    bias: bool = setting(True, "Biases in linear layers and LayerNorm.", "--bias/--no-bias")
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "n_embed", "context"):
-            _require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        _require(
-            self.n_embed % self.n_head == 0,
-            f"--n-embed ({self.n_embed}) must be divisible by --n-head ({self.n_head})",
-        )
-        _require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
-        _choice("position", self.position, POSITIONS)
-        _choice("norm", self.norm, NORMS)
-        _choice("activation", self.activation, ACTIVATIONS)
+        _validate(self)
+        _positive(self, "vocab_size", "n_layer", "n_head", "n_embed", "context")
+        _require(self.n_embed % self.n_head == 0,
+                 f"n_embed ({self.n_embed}) must be divisible by n_head ({self.n_head})", "n_embed", "n_head")
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}", "dropout")
         if self.position == "rope":
-            _require((self.n_embed // self.n_head) % 2 == 0, "--position rope needs an even head size")
+            _require(self.head_size % 2 == 0, "position rope needs an even head size (n_embed / n_head)",
+                     "position", "n_embed", "n_head")
 
     @property
     def head_size(self) -> int:
@@ -74,42 +127,75 @@ class ModelConfig:
 class TrainConfig:
     """How to train: data, schedule, optimizer, evaluation cadence and where to write."""
 
-    data: str = "data"
-    out: str = "out"
-    epochs: float = 390
-    max_steps: int = 0
-    time_budget: float = 0.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    optimizer: str = "adamw"
-    muon_lr: float = 0.02
-    eval_interval: int = 250
-    eval_tokens: int = 0
-    log_interval: int = 10
-    seed: int = 1337
-    device: str = "auto"
-    compile: bool = False
-    threads: int = 0
+    data: str = setting("data", "Prepared data dir.")
+    out: str = setting("out", "Run dir for best.pt, last.pt, metrics.jsonl, config.toml.")
+    epochs: float = setting(390, "Full passes over the training split.")
+    max_steps: int = setting(0, "Stop after this many optimizer steps (0: no cap).")
+    time_budget: float = setting(0, "Stop after this many seconds, the final evaluation and save included; "
+                                      "warmup and LR decay follow it (0: no cap).")
+    batch_size: int = setting(8, "Sequences per micro-batch.", "--batch-size", "--batches")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    lr: float = setting(3e-3, "Peak learning rate.")
+    min_lr_ratio: float = setting(0.1, "Final LR as a fraction of the peak.")
+    warmup_steps: int = setting(100, "Linear warmup steps (under --time-budget, at most a tenth of it).")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices.")
+    beta1: float = setting(0.9, "AdamW first-moment decay.")
+    beta2: float = setting(0.95, "AdamW second-moment decay.")
+    grad_clip: float = setting(1.0, "Clip the gradient norm (0: off).")
+    optimizer: OptimizerName = setting("adamw", "adamw, or muon for the blocks' matrices (AdamW for the rest).")
+    muon_lr: float = setting(0.02, "Learning rate of the Muon matrices.")
+    eval_interval: int = setting(250, "Evaluate and save every N steps.")
+    eval_tokens: int = setting(0, "Validation tokens per evaluation (0: the whole split, or what fits a tenth "
+                                  "of --time-budget).")
+    log_interval: int = setting(10, "Log the train loss every N steps.")
+    seed: int = setting(1337, "Seed for init, dropout and data order.")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.")
+    compile: bool = setting(False, "Compile the model with torch.compile.", "--compile/--no-compile")
+    threads: int = setting(0, "CPU threads for torch (0: torch's default).")
 
     def __post_init__(self) -> None:
-        _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
-        for name in ("batch_size", "grad_accum", "eval_interval", "log_interval"):
-            _require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "time_budget", "warmup_steps", "eval_tokens", "threads", "weight_decay", "grad_clip"):
-            _require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
-        _require(self.muon_lr > 0, f"--muon-lr must be positive, got {self.muon_lr}")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "--beta1 and --beta2 must be in [0, 1)")
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _require(self.device.split(":")[0] in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        _validate(self)
+        _positive(self, "epochs", "batch_size", "grad_accum", "eval_interval", "log_interval", "lr", "muon_lr")
+        _not_negative(self, "max_steps", "time_budget", "warmup_steps", "eval_tokens", "weight_decay", "grad_clip")
+        _require(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}", "seed")
+        _require(0 <= self.threads <= MAX_THREADS, f"threads must be between 0 and {MAX_THREADS}, got {self.threads}",
+                 "threads")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
+                 "min_lr_ratio")
+        _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "beta1 and beta2 must be in [0, 1)",
+                 "beta1", "beta2")
+        _require(DEVICE_PATTERN.fullmatch(self.device) is not None,
+                 f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}", "device")
+
+
+MAX_LENGTH = 10**9  # tokens per sample: far beyond any use, well inside every integer type involved
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to pick tokens and when to stop; checked here once for the CLI and the Python API,
+    whose defaults and help come from these fields."""
+
+    length: int = setting(200, "New tokens per sample (fewer if --stop ends it).")
+    temperature: float = setting(0.8, "Randomness: 0 is greedy, 1 samples the model as is.")
+    top_k: int | None = setting(50, "Sample from the K likeliest tokens only (K at least the vocabulary size: off).")
+    top_p: float = setting(1.0, "Sample from the likeliest tokens covering probability P only (1: off).")
+    stop: str | None = setting(None, "End a sample where this text appears (the stop text is not printed).")
+    seed: int | None = setting(1337, "Random seed: the same seed gives the same text.")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.length <= MAX_LENGTH:
+            raise InvalidSetting(f"length must be between 0 and {MAX_LENGTH:,}, got {self.length}", "length")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # also refuses NaN
+            raise InvalidSetting(f"temperature must be 0 (greedy) or positive, got {self.temperature}", "temperature")
+        if self.top_k is not None and self.top_k < 1:
+            raise InvalidSetting(f"top_k must be at least 1, got {self.top_k}", "top_k")
+        if not 0 < self.top_p <= 1:
+            raise InvalidSetting(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.stop == "":
+            raise InvalidSetting("stop must not be empty", "stop")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidSetting(f"seed must be between 0 and {MAX_SEED}, got {self.seed}", "seed")
 
 
 # Named hyperparameter sets for `--preset`; flags given on the command line override them.
@@ -131,21 +217,59 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
 TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+assert all(set(p) <= MODEL_FIELDS | TRAIN_FIELDS for p in PRESETS.values()), "a preset names an unknown setting"
+
+# What a resumed run cannot change: the model's shape (its weights would not fit), and what decides
+# the data order and the optimizer state. Everything else may change on --resume.
+FIXED_ON_RESUME = (MODEL_FIELDS - {"vocab_size", "dropout"}) | {"batch_size", "grad_accum", "seed", "optimizer"}
+
+
+def setting_fields(cls: type) -> dict[str, Field[Any]]:
+    """The fields of a config dataclass by name, for the CLI and the TOML reader."""
+    return {f.name: f for f in fields(cls)}
+
+
+def default_of(cls: type, name: str) -> Any:
+    default = setting_fields(cls)[name].default
+    assert default is not MISSING
+    return default
 
 
 def resolve(preset: str | None, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge a preset with explicitly given options (those not None) into model and train kwargs.
     The CLI passes --config file values among the options (as defaults of its flags), which is
     how a file beats a preset and loses to a flag."""
-    if preset is not None:
-        _require(preset in PRESETS, f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    merged = dict(PRESETS.get(preset, {})) if preset else {}
+    if preset is not None and preset not in PRESETS:
+        raise InvalidSetting(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", "preset")
+    merged = dict(PRESETS[preset]) if preset else {}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(merged) - MODEL_FIELDS - TRAIN_FIELDS
     assert not unknown, f"options with no config field: {unknown}"
     model_kwargs = {k: v for k, v in merged.items() if k in MODEL_FIELDS}
     train_kwargs = {k: v for k, v in merged.items() if k in TRAIN_FIELDS}
     return model_kwargs, train_kwargs
+
+
+Change = tuple[Any, Any]
+
+
+def resume_settings(saved_model: ModelConfig, saved_train: TrainConfig, model: ModelConfig, train: TrainConfig,
+                    given: set[str]) -> tuple[ModelConfig, TrainConfig, dict[str, Change]]:
+    """The settings of a resumed run: the saved ones, with the `given` settings of this call applied.
+    Returns them and what changed ({name: (old, new)}); changing a FIXED_ON_RESUME setting is an error
+    naming it. `out` and `data` come from this call (the data was checked to be the same)."""
+    new = {**asdict(model), **asdict(train)}
+    old = {**asdict(saved_model), **asdict(saved_train)}
+    changed = {name: (old[name], new[name]) for name in sorted(given | {"data", "out"}) if old[name] != new[name]}
+    fixed = sorted(set(changed) & FIXED_ON_RESUME)
+    if fixed:
+        listing = ", ".join(f"{name} (the run has {old[name]!r})" for name in fixed)
+        raise InvalidSetting(f"cannot change {listing} on resume: the saved weights, optimizer and data order depend "
+                             f"on them; start a new run with force or another out", *fixed, "force", "out")
+    model_changes = {k: v[1] for k, v in changed.items() if k in MODEL_FIELDS}
+    train_changes = {k: v[1] for k, v in changed.items() if k in TRAIN_FIELDS}
+    changed.pop("out", None)
+    return replace(saved_model, **model_changes), replace(saved_train, **train_changes), changed
 
 
 # --- TOML config files -----------------------------------------------------------------------
@@ -167,8 +291,9 @@ def read_toml(path: str | Path) -> dict[str, TomlValue]:
     except tomllib.TOMLDecodeError as exc:
         raise MicroGPTError(f"config file {path} is not valid TOML: {exc}") from exc
     for key, value in table.items():
-        _require(isinstance(value, (str, int, float, bool)),
-                 f"config file {path}: {key} must be a single string, number or boolean, got {type(value).__name__}")
+        if not isinstance(value, (str, int, float, bool)):
+            raise MicroGPTError(
+                f"config file {path}: {key} must be a single string, number or boolean, got {type(value).__name__}")
     return table
 
 
@@ -198,7 +323,6 @@ def config_values(model_config: ModelConfig, train_config: TrainConfig) -> dict[
 def save_config(out_dir: str | Path, model_config: ModelConfig, train_config: TrainConfig) -> Path:
     """Write the resolved settings of a run to OUT/config.toml (atomically); returns its path.
     `microgpt train --config OUT/config.toml --out NEW` repeats the run."""
-
     path = Path(out_dir) / CONFIG_FILE
     header = (f"microgpt {__version__} training settings; reuse with `microgpt train --config {path}`.\n"
               f"vocab_size = {model_config.vocab_size} comes from the data dir.")

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from microgpt_cli.config import DEVICE_PATTERN
 from microgpt_cli.errors import MicroGPTError
 
 
@@ -14,11 +15,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
         return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    base = name.split(":")[0]
-    if base not in available:
-        raise MicroGPTError(f"unknown --device {name!r}; use auto, cpu, cuda or mps")
+    if DEVICE_PATTERN.fullmatch(name) is None:
+        raise MicroGPTError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    base, _, index = name.partition(":")
     if not available[base]:
         raise MicroGPTError(f"--device {name} is not available on this machine; use --device cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise MicroGPTError(f"--device {name} is not available: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 

@@ -13,3 +13,10 @@ class Interrupted(MicroGPTError):
 
     exit_code = 130
     label = "stopped"
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError as one line naming the file: "Permission denied: out/last.pt"."""
+    names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n is not None)
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {names}" if names else reason

@@ -3,6 +3,9 @@ plain weights as safetensors with the config needed to rebuild them here.
 
 Both write into a temp dir beside `out` and rename it into place, so a failed export never
 leaves half a model where a loader would find it.
+
+torch and the model load when a function runs, not at import: the CLI imports this module to
+show `microgpt export --help`, which should not wait a second for torch.
 """
 
 from __future__ import annotations
@@ -11,19 +14,21 @@ import json
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from microgpt_cli import checkpoint
 from microgpt_cli.config import ModelConfig
-from microgpt_cli.files import atomic_dir
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.model import GPT
-from microgpt_cli.tokenizer import Tokenizer, from_spec
+from microgpt_cli.files import atomic_dir
 
-FORMATS = ("hf", "safetensors")
+if TYPE_CHECKING:
+    import torch
+
+    from microgpt_cli.checkpoint import Checkpoint
+    from microgpt_cli.model import GPT
+    from microgpt_cli.tokenizer import Tokenizer
+
+ExportFormat = Literal["hf", "safetensors"]
+FORMATS: tuple[str, ...] = get_args(ExportFormat)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos, eos and unk token
@@ -46,18 +51,19 @@ def export(checkpoint_path: str | Path, out: str | Path, format: str = "hf", for
 
     An existing non-empty `out` is replaced only with `force` (and only once the new one is
     complete)."""
+    from microgpt_cli import checkpoint
+
     if format not in FORMATS:
         raise MicroGPTError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
         raise MicroGPTError(f"{out} already exists and is not empty; pass --force to replace it or choose another --out")
     state = checkpoint.load(checkpoint_path)
-    config = ModelConfig(**state["model_config"])
     if format == "hf":
-        check_gpt2_compatible(config)
+        check_gpt2_compatible(state.model_config)
     with atomic_dir(out, force=True) as tmp:
         if format == "hf":
-            _write_hf(tmp, state, config)
+            _write_hf(tmp, state)
         else:
             _write_safetensors(tmp, state)
     return out
@@ -83,12 +89,16 @@ def check_gpt2_compatible(config: ModelConfig) -> None:
         )
 
 
-def _write_hf(directory: Path, state: dict[str, Any], config: ModelConfig) -> None:
-    weights = state["model"]
+def _write_hf(directory: Path, state: Checkpoint) -> None:
+    from safetensors.torch import save_file
+
+    from microgpt_cli.model import block_param
+
+    config, weights = state.model_config, state.model
     tensors = {"transformer.wte.weight": weights["tok_emb.weight"], "transformer.wpe.weight": weights["pos_emb.weight"]}
     for i in range(config.n_layer):
         for ours, theirs in _BLOCK_NAMES.items():
-            tensor = weights[f"blocks.{i}.{ours}"]
+            tensor = weights[block_param(i, ours)]
             tensors[f"transformer.h.{i}.{theirs}"] = tensor.t() if tensor.dim() == 2 else tensor
     tensors["transformer.ln_f.weight"] = weights["norm.weight"]
     tensors["transformer.ln_f.bias"] = weights["norm.bias"]
@@ -96,7 +106,7 @@ def _write_hf(directory: Path, state: dict[str, Any], config: ModelConfig) -> No
         tensors["lm_head.weight"] = weights["head.weight"]
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / WEIGHTS_FILE, metadata={"format": "pt"})
 
-    spec = state["tokenizer"]
+    spec = state.tokenizer
     gpt2_tokens = spec["kind"] == "gpt2"
     special = GPT2_EOT if gpt2_tokens else None  # other vocabularies have no end-of-text token
     hf_config = {
@@ -143,19 +153,28 @@ def _write_gpt2_tokenizer(directory: Path, context: int) -> None:
     })
 
 
-def _write_safetensors(directory: Path, state: dict[str, Any]) -> None:
-    weights = dict(state["model"])
-    if state["model_config"].get("tie_weights"):
+def _write_safetensors(directory: Path, state: Checkpoint) -> None:
+    from safetensors.torch import save_file
+
+    from microgpt_cli.checkpoint import FORMAT_VERSION
+
+    weights = dict(state.model)
+    if state.model_config.tie_weights:
         del weights["head.weight"]  # safetensors refuses shared tensors; the loader re-ties it
     save_file({k: v.contiguous() for k, v in weights.items()}, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     _write_json(directory / CONFIG_FILE, {
-        "format": "microgpt", "version": checkpoint.FORMAT_VERSION,
-        "model_config": state["model_config"], "tokenizer": state["tokenizer"],
+        "format": "microgpt", "version": FORMAT_VERSION,
+        "model_config": asdict(state.model_config), "tokenizer": state.tokenizer,
     })
 
 
 def load_safetensors_export(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """The model (eval mode) and tokenizer of an `export --format safetensors` directory."""
+    from safetensors.torch import load_file
+
+    from microgpt_cli.model import GPT
+    from microgpt_cli.tokenizer import from_spec
+
     directory = Path(directory)
     try:
         config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))

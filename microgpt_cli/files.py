@@ -3,6 +3,7 @@ never half of one: temp file or dir beside the target, fsync, rename."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -14,13 +15,23 @@ from typing import BinaryIO
 
 from microgpt_cli.errors import MicroGPTError
 
+TEMP_SUFFIX = ".tmp"
+
+
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file: 0o666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(file)` on a temp file beside `path`, fsync it, then rename it over `path`:
     a crash at any moment leaves either the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())  # mkstemp makes 0600 files; the result should follow the umask like any other
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -84,7 +95,7 @@ def install_dir(tmp: Path, out: Path, force: bool) -> None:
 def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """A temp dir beside `out` to fill; when the block succeeds it is synced and renamed to `out`
     (replacing it only with `force`), when it fails it is removed and `out` stays as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent)
     tmp = make_temp_dir(out)
     try:
         yield tmp
@@ -93,3 +104,58 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def make_dir(directory: Path) -> None:
+    """mkdir -p, with a clear error where a file stands in the way."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise MicroGPTError(f"cannot create dir {directory}: it, or a dir above it, is a file") from None
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete the temp files `atomic_write` leaves when its process is killed mid-write. Call it
+    only while holding the directory's lock, so that no live writer owns them."""
+    removed = []
+    for path in directory.glob(f".*{TEMP_SUFFIX}"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def dir_lock(directory: Path, purpose: str) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (creating it) for the block; a second holder gets a
+    clear error naming the first one's PID. The lock is the kernel's (flock) on DIR/.lock, so it
+    ends with its process, even on kill -9. The file is deleted on release; a process that locked
+    a file just deleted sees that the path no longer names it, and takes the new one instead."""
+    make_dir(directory)
+    lock_path = directory / LOCK_FILE
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, _file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise MicroGPTError(f"{directory} is in use by another {purpose} (PID {holder}); wait for it to "
+                                f"finish or choose another dir") from None
+        try:
+            current = os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder released and deleted it between our open and flock: try again
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still held, so no one else holds this file
+        os.close(fd)

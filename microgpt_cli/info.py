@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import datetime
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from microgpt_cli import checkpoint
-from microgpt_cli.data import read_meta
+from microgpt_cli.checkpoint import RUN_FILES
+from microgpt_cli.dataset import META_FILE, SPLITS, data_tokenizer, open_split, read_meta
 from microgpt_cli.errors import MicroGPTError
-
-RUN_FILES = ("best.pt", "last.pt")
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -22,12 +22,12 @@ def describe(path: str | Path) -> dict[str, Any]:
             raise MicroGPTError(f"{path} is not a checkpoint; pass a .pt file, a run dir or a data dir")
         return describe_checkpoint(path)
     if path.is_dir():
-        if (path / "meta.json").is_file():
+        if (path / META_FILE).is_file():
             return describe_data(path)
         if any((path / name).is_file() for name in RUN_FILES):
             return describe_run(path)
         raise MicroGPTError(
-            f"{path} is neither a run dir (best.pt, last.pt) nor a data dir (meta.json); "
+            f"{path} is neither a run dir (best.pt, last.pt) nor a data dir ({META_FILE}); "
             f"pass a checkpoint file, a `microgpt train --out` dir or a `microgpt prepare --out` dir"
         )
     raise MicroGPTError(f"{path} does not exist")
@@ -42,32 +42,26 @@ def _file_facts(path: Path) -> dict[str, Any]:
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     state = checkpoint.load(path)
-    model_config = state["model_config"]
-    weights = state["model"]
-    params = sum(t.numel() for t in weights.values())
-    if model_config.get("tie_weights") and "head.weight" in weights:
-        params -= weights["head.weight"].numel()  # one tensor stored under two names
-    metrics, train_config, data = state.get("metrics") or {}, state.get("train_config") or {}, state.get("data") or {}
-    spec = state["tokenizer"]
+    spec = state.tokenizer
     return {
         "kind": "checkpoint",
         "path": str(path),
         "file": _file_facts(path),
-        "model": {**model_config, "params": params},
+        "model": {**asdict(state.model_config), "params": state.num_params},
         "tokenizer": {"kind": spec["kind"], "name": spec.get("name", spec["kind"]),
-                      "vocab_size": model_config["vocab_size"]},
-        "data": {"dir": train_config.get("data"), "inputs_sha256": data.get("inputs", [])},
+                      "vocab_size": state.model_config.vocab_size},
+        "data": {"dir": state.data_dir, "inputs_sha256": state.input_hashes},
         "training": {
-            "step": state.get("step", metrics.get("step")),
-            "epoch": metrics.get("epoch"),
-            "train_loss": metrics.get("train_loss"),
-            "val_loss": metrics.get("val_loss"),
-            "best_val_loss": state.get("best_val", metrics.get("val_loss")),
-            "elapsed": state.get("elapsed", metrics.get("elapsed")),
-            "resumable": "optimizer" in state,
-            "world_size": state.get("world_size"),
+            "step": state.step,
+            "epoch": state.epoch,
+            "train_loss": state.train_loss,
+            "val_loss": state.val_loss,
+            "best_val_loss": state.best_val,
+            "elapsed": state.elapsed,
+            "resumable": state.training is not None,
+            "world_size": state.training.world_size if state.training else None,
         },
-        "train_config": train_config,
+        "train_config": state.train_config,
     }
 
 
@@ -89,8 +83,13 @@ def describe_run(path: str | Path) -> dict[str, Any]:
 
 
 def describe_data(path: str | Path) -> dict[str, Any]:
+    """A data dir, after the checks training makes: meta.json against the token files, the
+    tokenizer against the vocabulary size, every id inside the vocabulary."""
     path = Path(path)
     meta = read_meta(path)
+    data_tokenizer(meta)
+    for split in SPLITS:
+        open_split(path, split, meta)
     spec = meta["tokenizer"]
     return {
         "kind": "data",
@@ -99,5 +98,5 @@ def describe_data(path: str | Path) -> dict[str, Any]:
         "dtype": meta["dtype"],
         "splits": meta["splits"],
         "inputs": meta.get("inputs", []),
-        "file": _file_facts(path / "meta.json"),
+        "file": _file_facts(path / META_FILE),
     }

@@ -16,6 +16,22 @@ import torch.nn.functional as F
 
 from microgpt_cli.config import ModelConfig
 
+# Parameter names are a contract: checkpoints store the weights under them, export.py maps them to
+# GPT-2's, optim.py hands the blocks' matrices to Muon. They are spelled here, once; a test checks
+# that the modules below produce exactly these names.
+TOP_LEVEL_PARAMS = ("tok_emb.weight", "pos_emb.weight", "norm.weight", "norm.bias", "head.weight")
+BLOCK_PARAMS = (
+    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+    "norm2.weight", "norm2.bias", "mlp.up.weight", "mlp.up.bias", "mlp.down.weight", "mlp.down.bias",
+)
+BLOCK_MATRICES = ("attn.qkv.weight", "attn.proj.weight", "mlp.up.weight", "mlp.down.weight")
+RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.down.weight")  # scaled down by depth at init
+
+
+def block_param(layer: int, name: str) -> str:
+    """The full name of parameter `name` (one of BLOCK_PARAMS) of block `layer`."""
+    return f"blocks.{layer}.{name}"
+
 
 class KVCache(Protocol):
     """What attention needs from an inference cache; the implementation lives in sampling.py."""
@@ -128,9 +144,9 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # Scale residual projections by depth so the residual stream's variance stays bounded (GPT-2).
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for i in range(config.n_layer):
+            for name in RESIDUAL_PROJECTIONS:
+                nn.init.normal_(self.get_parameter(block_param(i, name)), mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -140,6 +156,11 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def block_matrices(self) -> dict[str, nn.Parameter]:
+        """The 2-D weights inside the transformer blocks, by name (what Muon optimizes)."""
+        return {block_param(i, name): self.get_parameter(block_param(i, name))
+                for i in range(self.config.n_layer) for name in BLOCK_MATRICES}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

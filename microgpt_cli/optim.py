@@ -11,6 +11,7 @@ import math
 import torch
 
 from microgpt_cli.config import TrainConfig
+from microgpt_cli.model import GPT
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -54,12 +55,12 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
 
 
-def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """Optimizers over every parameter; each group records its `base_lr` for the schedule."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     muon_names: set[str] = set()
     if cfg.optimizer == "muon":
-        muon_names = {n for n, p in params.items() if p.dim() == 2 and ".blocks." in f".{n}"}
+        muon_names = set(model.block_matrices())
     decay = [p for n, p in params.items() if p.dim() >= 2 and n not in muon_names]
     no_decay = [p for n, p in params.items() if p.dim() < 2]
     groups = [
@@ -78,13 +79,23 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.dev
     return optimizers
 
 
-def lr_factor(step: int, total_steps: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
-    """Linear warmup, then cosine decay to `min_lr_ratio`. Progress is the larger of steps done
-    and time spent, so a `--time-budget` run ends its decay exactly when its time runs out."""
+WARMUP_BUDGET_SHARE = 0.1  # under a time budget, warmup ends after this share of it at the latest
+
+
+def lr_factor(step: int, total_steps: int, cfg: TrainConfig, elapsed: float = 0.0, budget: float | None = None) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio`. Under a time budget (`budget` seconds of
+    training, by default `cfg.time_budget`), progress is the larger of steps done and time spent,
+    for the warmup (which so ends within a tenth of the budget) as for the decay (which so ends
+    exactly when the budget does)."""
+    budget = (cfg.time_budget if budget is None else budget) if cfg.time_budget else 0.0
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        warm = (step + 1) / cfg.warmup_steps
+        if budget:
+            warm = max(warm, elapsed / (WARMUP_BUDGET_SHARE * budget))
+        if warm < 1:
+            return warm
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    if cfg.time_budget:
-        progress = max(progress, elapsed / cfg.time_budget)
-    progress = min(1.0, progress)
+    if budget:
+        progress = max(progress, elapsed / budget)
+    progress = min(1.0, max(0.0, progress))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

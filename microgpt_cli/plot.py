@@ -10,17 +10,18 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
-
-from microgpt_cli.files import atomic_write
 from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.events import METRICS_FILE
+from microgpt_cli.files import atomic_write
 
-METRICS_FILE = "metrics.jsonl"
+if TYPE_CHECKING:  # matplotlib takes ~0.5 s to import: only when a figure is drawn
+    from matplotlib.figure import Figure
+
 LOSS_PLOT = "loss.png"
-X_AXES = {"step": "step", "tokens": "tokens seen", "time": "seconds"}
+XAxis = Literal["step", "tokens", "time"]
+X_AXES = dict(zip(get_args(XAxis), ("optimizer steps", "tokens seen", "seconds")))
 
 
 @dataclass
@@ -75,7 +76,15 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
     return curves
 
 
+def _figure(**kwargs: object) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)  # type: ignore[arg-type]
+
+
 def _save(fig: Figure, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return path
@@ -89,7 +98,7 @@ def save_loss_plot(run_dir: str | Path) -> Path:
     if not curves.steps:
         raise MicroGPTError(f"{run_dir / METRICS_FILE} holds no metrics yet")
     # Fixed margins, not a layout engine: constrained layout would double the drawing time.
-    fig = Figure(figsize=(7, 4), dpi=100)
+    fig = _figure(figsize=(7, 4), dpi=100)
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.8)
     ax = fig.add_subplot()
     few = len(curves.steps) < 3  # a lone point needs a marker to be seen at all
@@ -105,6 +114,8 @@ def save_loss_plot(run_dir: str | Path) -> Path:
     ax.legend()
     per_step = curves.tokens_per_step
     if per_step:
+        from matplotlib.ticker import EngFormatter
+
         top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
         top.set_xlabel("tokens seen")
         top.xaxis.set_major_formatter(EngFormatter())  # 2M rather than an offset "1e6" that collides with the title
@@ -117,11 +128,13 @@ def save_runs_plot(run_dirs: Sequence[str | Path], out: str | Path, x_axis: str 
         raise MicroGPTError(f"--x must be one of {', '.join(X_AXES)}, got {x_axis!r}")
     if not run_dirs:
         raise MicroGPTError("pass at least one run dir to plot")
+    if Path(out).is_dir():
+        raise MicroGPTError(f"--out {out} is a directory; name the PNG file to write, such as {Path(out) / 'runs.png'}")
     paths = [Path(d) for d in run_dirs]
     names = [p.name or str(p) for p in paths]
     if len(set(names)) < len(names):  # a/out and b/out: the names alone would not tell them apart
         names = [str(p) for p in paths]
-    fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    fig = _figure(figsize=(8, 4.5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     for i, (path, name) in enumerate(zip(paths, names)):
         curves = read_curves(path, name)

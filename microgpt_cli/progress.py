@@ -4,10 +4,16 @@ stdout stays clean for data. The library never imports this; the CLI feeds it fr
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -17,9 +23,19 @@ from rich.progress import (
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
+    TaskID,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
+
+from microgpt_cli.config import CONFIG_FILE
+from microgpt_cli.events import Evaluated, EvalProgress, Event, Logged, Metrics, RunEnded, RunStarted, StepDone
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from microgpt_cli.evaluation import EvalResult
 
 stderr = Console(stderr=True)
 
@@ -89,72 +105,201 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
-class TrainDisplay:
-    """Renders the training loop's events: a live bar with loss, val loss, best, lr, tok/s and ETA
-    on a terminal; a log line per event otherwise."""
+def _dash(value: float | None, fmt: str) -> str:
+    """A number, or a dash where there is none yet (no evaluation so far)."""
+    return "-" if value is None or not math.isfinite(value) else format(value, fmt)
 
-    def __init__(self, console: Console = stderr):
+
+def _per_step(seconds: float) -> str:
+    return f"{seconds:.1f} s/step" if seconds >= 10 else f"{seconds:.2f} s/step"
+
+
+class _TwoLines(Progress):
+    """A progress bar with a status line under it: the numbers of a training run do not fit on one
+    80-column line beside a bar, and Rich would cut them to "…"."""
+
+    status = ""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        if self.status:
+            yield Text(self.status, no_wrap=True, overflow="ellipsis")
+
+
+class TrainDisplay:
+    """Renders the training loop's events (events.py). On a terminal: a bar that moves with every
+    step (or, under a time budget, with the clock), the time per step and the ETA, and under it
+    the losses, LR and throughput; laid out for 80 columns. Elsewhere: a plain line every
+    `interval` seconds and at every evaluation."""
+
+    def __init__(self, console: Console = stderr, interval: float = 10.0):
         self.console = console
-        self.task: Task | None = None
-        self.best = float("nan")
-        self.val = float("nan")
+        self.interval = interval
+        self.live = console.is_terminal
+        self._progress: _TwoLines | None = None
+        self._task: TaskID | None = None
+        self._started: RunStarted | None = None
+        self._first: tuple[int, float] | None = None  # (step, elapsed) at the first step event
+        self._seconds_per_step = 0.0
+        self._step, self._elapsed, self._expected = 0, 0.0, 0
+        self._metrics: Metrics | None = None
+        self._val: float | None = None
+        self._best: float | None = None
+        self._evaluating = ""
+        self._last_line = -math.inf
 
     def __enter__(self) -> TrainDisplay:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.task is not None:
-            self.task.__exit__(None, None, None)
+        self._stop()
 
-    def event(self, kind: str, info: dict) -> None:
-        if kind == "start":
-            self._start(info)
-        elif kind in ("log", "eval"):
-            assert self.task is not None
-            if kind == "eval":
-                self.val, self.best = info["val_loss"], info["best_val"]
-            status = (
-                f"epoch {info['epoch']:.2f} loss {info['train_loss']:.4f} val {self.val:.4f} best {self.best:.4f} "
-                f"lr {info['lr']:.2e} {info['tokens_per_sec']:,.0f} tok/s"
-            )
-            self.task.update(info["step"], status=status, total=info["total_steps"], force=kind == "eval")
-            if kind == "eval" and self.task.live:
-                mark = " (best, saved)" if info["improved"] else ""
-                self.task.log(f"step {info['step']}: val loss {info['val_loss']:.4f}{mark}")
+    def _stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
-    def _start(self, info: dict) -> None:
-        m = info["model_config"]
-        begin = f"resuming at step {info['step']}" if info["resumed"] else "starting"
+    def event(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self._start(event)
+        elif isinstance(event, StepDone):
+            self._step, self._elapsed, self._expected = event.step, event.elapsed, event.expected_steps
+            if self._first is None:
+                self._first = (event.step, event.elapsed)
+            elif event.step > self._first[0]:
+                self._seconds_per_step = (event.elapsed - self._first[1]) / (event.step - self._first[0])
+            self._evaluating = ""
+            self._refresh()
+        elif isinstance(event, Logged):
+            self._metrics, self._expected = event.metrics, event.expected_steps
+            self._refresh()
+        elif isinstance(event, EvalProgress):
+            self._evaluating = f"evaluating: {100 * event.done / max(event.total, 1):.0f}% of {event.total:,} val tokens"
+            self._refresh()
+        elif isinstance(event, Evaluated):
+            self._metrics, self._expected = event.metrics, event.expected_steps
+            self._val, self._best, self._evaluating = event.metrics.val_loss, event.best_val, ""
+            if self.live:
+                mark = " (best, saved)" if event.improved else ""
+                self.console.print(f"step {event.metrics.step:,}: val loss {_dash(self._val, '.4f')}{mark}",
+                                   highlight=False)
+            self._refresh(force=True)
+        elif isinstance(event, RunEnded):
+            self._stop()
+            self.summary(event)
+
+    def _start(self, event: RunStarted) -> None:
+        self._started = event
+        m, cfg = event.model_config, event.train_config
+        self._step, self._expected = event.step, event.total_steps
+        begin = f"resuming at step {event.step:,}" if event.resumed else "starting"
+        if cfg.time_budget:
+            length = (f"the {cfg.time_budget:g} s time budget decides the length (at most {event.total_steps:,} "
+                      f"steps; an estimate follows once steps are timed)")
+        else:
+            length = f"{event.total_steps:,} steps ({event.steps_per_epoch:,.1f} per epoch)"
         self.console.print(
-            f"{begin} · {info['params'] / 1e6:.2f}M params "
-            f"({m['n_layer']}x{m['n_embed']}, {m['n_head']} heads, context {m['context']}) on {info['device']} · "
-            f"{info['tokenizer']} ({info['vocab_size']:,} tokens) · {info['train_tokens']:,} train / "
-            f"{info['val_tokens']:,} val tokens · {info['total_steps']:,} steps "
-            f"({info['steps_per_epoch']:.1f} per epoch)",
+            f"{begin} · {event.params / 1e6:.2f}M params ({m.n_layer}x{m.n_embed}, {m.n_head} heads, context "
+            f"{m.context}) on {event.device} · {escape(event.tokenizer)} ({event.vocab_size:,} tokens) · "
+            f"{event.train_tokens:,} train / {event.val_tokens:,} val tokens · {length}",
             highlight=False, soft_wrap=True,
         )
-        self.task = Task("train", info["total_steps"], unit="steps", console=self.console).__enter__()
-        self.task.update(info["step"])
+        if event.changes:
+            changes = ", ".join(f"{name} {old} → {new}" for name, (old, new) in event.changes.items())
+            self.console.print(f"changed on resume: {escape(changes)}", highlight=False, soft_wrap=True)
+        settings = " ".join(f"{k}={v}" for k, v in {**asdict(m), **asdict(cfg)}.items())
+        self.console.print(f"[dim]settings (saved in {escape(str(Path(cfg.out) / CONFIG_FILE))}): {escape(settings)}[/]",
+                           highlight=False, soft_wrap=True)
+        if self.live:
+            self._progress = _TwoLines(
+                TextColumn("[bold]train"), BarColumn(bar_width=20), TaskProgressColumn(),
+                TextColumn("{task.fields[where]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("{task.fields[pace]}"), console=self.console, transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self._total(), where="", pace="")
+            self._refresh()
 
-    def summary(self, summary: dict) -> None:
+    def _budget(self) -> float:
+        return self._started.train_config.time_budget if self._started else 0.0
+
+    def _total(self) -> float:
+        return self._budget() or float(self._started.total_steps if self._started else 1)
+
+    def _where(self) -> str:
+        if self._budget():
+            return f"step {self._step:,}/~{self._expected:,}" if self._seconds_per_step else f"step {self._step:,}"
+        return f"{self._step:,}/{self._expected:,}"
+
+    def _status(self) -> str:
+        if self._evaluating:
+            return self._evaluating
+        m = self._metrics
+        if m is None:
+            return ""
+        return (f"loss {m.train_loss:.4f} · val {_dash(self._val, '.4f')} · best {_dash(self._best, '.4f')} · "
+                f"lr {m.lr:.2e} · {m.tokens_per_sec:,.0f} tok/s · epoch {m.epoch:.2f}")
+
+    def _refresh(self, force: bool = False) -> None:
+        pace = _per_step(self._seconds_per_step) if self._seconds_per_step else ""
+        if self._progress is not None and self._task is not None:
+            done = min(self._elapsed, self._budget()) if self._budget() else self._step
+            self._progress.status = self._status()
+            self._progress.update(self._task, completed=done, total=self._total(), where=self._where(), pace=pace)
+            return
+        now = time.monotonic()
+        if self.live or not self._started or not (force or now - self._last_line >= self.interval):
+            return
+        self._last_line = now
+        done, total = (self._elapsed, self._budget()) if self._budget() else (self._step, self._expected)
+        eta = ""
+        if self._seconds_per_step and not self._budget():
+            eta = f" eta {format_seconds(self._seconds_per_step * max(0, self._expected - self._step))}"
+        elif self._budget():
+            eta = f" eta {format_seconds(max(0.0, self._budget() - self._elapsed))}"
+        status = self._status()
+        self.console.print(
+            f"[{format_seconds(self._elapsed)}] train: {100 * done / max(total, 1e-9):.0f}% {self._where()} steps"
+            f"{eta}{' ' + pace if pace else ''}{' · ' + status if status else ''}", highlight=False, soft_wrap=True)
+
+    def summary(self, summary: RunEnded) -> None:
         from rich.table import Table
 
-        table = Table(title="training summary", show_header=False)
+        if summary.reason == "nothing to do":
+            self.console.print(
+                f"nothing to train: the run in {escape(str(Path(summary.last).parent))} is at step {summary.steps:,}, "
+                f"which its stopping point ({summary.total_steps:,} steps, or its time budget) allows no further; "
+                f"raise --max-steps, --epochs or --time-budget to train on", highlight=False, soft_wrap=True)
+            return
+        table = Table(title=f"training summary (ended by {summary.reason})", show_header=False)
         rows = [
-            ("steps", f"{summary['steps']:,} / {summary['total_steps']:,}"),
-            ("epochs", f"{summary['epochs']:.2f}"),
-            ("final train loss", _num(summary["train_loss"])),
-            ("final val loss", _num(summary["val_loss"])),
-            ("best val loss", _num(summary["best_val_loss"])),
-            ("time", format_seconds(summary["elapsed"])),
-            ("tokens/s", f"{summary['tokens_per_sec']:,.0f}"),
-            ("best checkpoint", summary["best"]),
-            ("resume from", summary["last"]),
+            ("steps", f"{summary.steps:,} / {summary.total_steps:,}"),
+            ("epochs", f"{summary.epochs:.2f}"),
+            ("final train loss", _dash(summary.train_loss, ".4f")),
+            ("final val loss", _dash(summary.val_loss, ".4f")),
+            ("best val loss", _dash(summary.best_val_loss, ".4f")),
+            ("time", format_seconds(summary.elapsed)),
+            ("tokens/s (steps after the first)", f"{summary.tokens_per_sec:,.0f}"),
+            ("best checkpoint", summary.best),
+            ("resume from", summary.last),
         ]
         for key, value in rows:
-            table.add_row(key, value)
+            table.add_row(key, escape(value))
         self.console.print(table)
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def eval_table(result: EvalResult, title: str) -> Table:
+    """`microgpt eval`'s result as a table: one row per metric."""
+    from rich.table import Table
+
+    table = Table(title=escape(title))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("loss (nats/token)", f"{result.loss:.4f}")
+    table.add_row("perplexity", f"{result.perplexity:.3f}")
+    table.add_row("bits per byte", f"{result.bits_per_byte:.4f}")
+    table.add_row("tokens", f"{result.tokens:,}")
+    table.add_row("seconds", f"{result.seconds:.2f}")
+    if result.skipped is not None:
+        table.add_row("characters skipped", f"{result.skipped:,}")
+    return table

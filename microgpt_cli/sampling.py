@@ -17,7 +17,6 @@ import codecs
 import copy
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
@@ -25,40 +24,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microgpt_cli.config import ModelConfig
+from microgpt_cli.config import ModelConfig, SamplingSettings
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer
 
-DEFAULT_LENGTH = 200
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_K = 50
-DEFAULT_TOP_P = 1.0
-DEFAULT_SEED = 1337
 GPT2_END_OF_TEXT = 50256
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How to pick tokens and when to stop; checked here once for the CLI and the Python API."""
-
-    length: int = DEFAULT_LENGTH
-    temperature: float = DEFAULT_TEMPERATURE
-    top_k: int | None = DEFAULT_TOP_K
-    top_p: float = DEFAULT_TOP_P
-    stop: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.length < 0:
-            raise MicroGPTError(f"--length must not be negative, got {self.length}")
-        if not self.temperature >= 0:  # also refuses NaN
-            raise MicroGPTError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise MicroGPTError(f"--top-k must be at least 1, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise MicroGPTError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.stop == "":
-            raise MicroGPTError("--stop must not be empty")
+_DEFAULTS = SamplingSettings()
+DEFAULT_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K = _DEFAULTS.length, _DEFAULTS.temperature, _DEFAULTS.top_k
+DEFAULT_TOP_P, DEFAULT_SEED = _DEFAULTS.top_p, _DEFAULTS.seed
 
 
 class KVCache:
@@ -327,7 +303,7 @@ def stream_text(
 
     `model` is a GPT (then `tokenizer` is required) or a checkpoint file / run dir (loaded on
     `device`). Options are checked and the prompt encoded before this returns."""
-    settings = SamplingSettings(length, temperature, top_k, top_p, stop)
+    settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed)
     gpt, tok = load_model(model, tokenizer, device)
     return TextStream(gpt, tok, start_text, settings, make_generator(gpt.tok_emb.weight.device, seed))
 

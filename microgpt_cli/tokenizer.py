@@ -78,6 +78,13 @@ class Tokenizer:
             )
         return ids
 
+    def unknown_positions(self, text: str) -> np.ndarray:
+        """Indices of the characters of `text` this tokenizer cannot encode (a char vocabulary
+        lacks some; byte-level BPEs encode anything)."""
+        if self._encoding is not None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self._char_ids[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)] < 0)
+
     def token_bytes(self, token: int) -> bytes:
         """The UTF-8 bytes one token stands for (a BPE token may hold part of a character)."""
         if self._encoding is not None:

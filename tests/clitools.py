@@ -1,14 +1,25 @@
-"""Running the real `microgpt` command in a subprocess, shared by the end-to-end test modules."""
+"""What the end-to-end tests share: the packaged corpus, and the real `microgpt` command run in a
+subprocess."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+from microgpt_cli.dataprep import sample_path
+
+SHAKESPEARE = sample_path("tinyshakespeare")  # the corpus every test uses: shipped in the package
 
 
-def microgpt(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`python -m microgpt_cli ARGS`; with `check`, a non-zero exit fails the test with its stderr."""
-    result = subprocess.run([sys.executable, "-m", "microgpt_cli", *args], capture_output=True, text=True, timeout=300)
+def microgpt(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None,
+             stdin: str | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m microgpt_cli ARGS` (UTF-8 text in and out); with `check`, a non-zero exit fails the
+    test with its stderr. `env` adds to this process's environment."""
+    result = subprocess.run([sys.executable, "-m", "microgpt_cli", *map(str, args)], cwd=cwd, input=stdin,
+                            capture_output=True, text=True, encoding="utf-8", timeout=timeout,
+                            env={**os.environ, **(env or {})})
     if check:
         assert result.returncode == 0, result.stderr
     return result

@@ -11,7 +11,7 @@ import torch
 
 from microgpt_cli import distributed
 from microgpt_cli.config import ModelConfig, TrainConfig
-from microgpt_cli.train import build_run, run_loop
+from microgpt_cli.training import build_run, run_loop
 
 if __name__ == "__main__":
     data, out, max_steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])

@@ -19,8 +19,11 @@ import tiktoken_ext.openai_public as openai_public
 
 from microgpt_cli import cli
 from microgpt_cli import tokenizer as T
-from microgpt_cli.data import _read_chunks, data_fingerprint, open_split, prepare, read_meta
+from microgpt_cli.dataprep import _read_chunks, prepare
+from microgpt_cli.dataset import data_fingerprint, open_split, read_meta
 from microgpt_cli.errors import MicroGPTError
+
+from clitools import microgpt
 
 # Pieces that stress every split pattern at a chunk boundary: blank lines, CRLF, trailing and
 # leading whitespace, Unicode spaces and line separators, "/" after a newline (o200k), CJK, emoji.
@@ -32,11 +35,6 @@ PIECES = ["the", "King", "said", "42", "1999", " ", "  ", "\t", "\n", "\n\n", "\
 def tricky_text(chars: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     return "".join(rng.choices(PIECES, k=chars // 3))[:chars]
-
-
-def microgpt(*args: object, cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "microgpt_cli", *map(str, args)], cwd=cwd, input=stdin,
-                          capture_output=True, timeout=300)
 
 
 def splits(out: Path) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -208,9 +206,9 @@ def test_cli_end_to_end_with_stdin_directory_and_force(
     text = shakespeare.read_text(encoding="utf-8")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "one.txt").write_text("Alpha beta gamma.\n" * 50, encoding="utf-8")
-    run = microgpt("prepare", "-", "docs", "--tokenizer", "char", cwd=tmp_path, stdin=text.encode())
-    assert run.returncode == 0, run.stderr.decode()
-    assert run.stdout == b"" and b"train tokens" in run.stderr and b"65" in run.stderr
+    run = microgpt("prepare", "-", "docs", "--tokenizer", "char", cwd=tmp_path, stdin=text)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "" and "train tokens" in run.stderr and "65" in run.stderr
     meta, train, val = splits(tmp_path / "data")  # the default --out
     assert [i["path"] for i in meta["inputs"]] == ["-", str(Path("docs") / "one.txt")]
     assert meta["inputs"][0]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
@@ -227,7 +225,7 @@ def test_cli_end_to_end_with_stdin_directory_and_force(
 
 def test_help_documents_every_option(tmp_path: Path) -> None:
     run = microgpt("prepare", "--help", cwd=tmp_path)
-    out = run.stdout.decode()
+    out = run.stdout
     for option in ("--out", "--tokenizer", "--vocab-size", "--val-fraction", "--force", "--errors"):
         assert option in out
     assert "default: data" in out and "default: gpt2" in out and "default: 0.1" in out and "4096" in out
@@ -295,9 +293,9 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(
 def test_bad_input_in_a_real_process_is_one_clear_line(bad_inputs: Path) -> None:
     names = ["invalid utf-8", "output exists"]  # one found while streaming, one before any work
     with ThreadPoolExecutor(len(names)) as pool:
-        runs = list(pool.map(lambda name: microgpt("prepare", *BAD_INPUTS[name][0], cwd=bad_inputs), names))
+        runs = list(pool.map(lambda name: microgpt("prepare", *BAD_INPUTS[name][0], cwd=bad_inputs, check=False), names))
     for name, run in zip(names, runs):
-        assert_one_error_line(run.returncode, run.stdout.decode(), run.stderr.decode(), BAD_INPUTS[name][1], bad_inputs)
+        assert_one_error_line(run.returncode, run.stdout, run.stderr, BAD_INPUTS[name][1], bad_inputs)
 
 
 def interrupt_midway(workdir: Path, sig: int) -> subprocess.CompletedProcess[bytes]:

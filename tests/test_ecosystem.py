@@ -6,6 +6,7 @@ Run `python tests/test_ecosystem.py` to rewrite the README's reference tables fr
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import os
 import re
 import subprocess
@@ -20,13 +21,15 @@ import torch
 from microgpt_cli import checkpoint
 from microgpt_cli.cli import app, main
 from microgpt_cli.config import ModelConfig, TrainConfig, read_toml, save_config
-from microgpt_cli.data import prepare
+from microgpt_cli.dataprep import prepare
 from microgpt_cli.export import load_safetensors_export
 from microgpt_cli.info import describe
 from microgpt_cli.model import GPT
 from microgpt_cli.plot import save_loss_plot
 from microgpt_cli.sampling import generate_text
 from microgpt_cli.tokenizer import from_spec
+
+from clitools import microgpt
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 REFERENCE_START, REFERENCE_END = "<!-- reference:start -->", "<!-- reference:end -->"
@@ -41,27 +44,13 @@ def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, st
     return exit_info.value.code, captured.out, captured.err
 
 
-def microgpt(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "microgpt_cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, encoding="utf-8", timeout=300, env={**os.environ, **(env or {})})
-
-
 def assert_png(path: Path) -> None:
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 1000, path
 
 
 @pytest.fixture(scope="module")
-def char_data(shakespeare: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("eco")
-    text = root / "shakespeare.txt"  # a fifth of it: full-split evals stay quick
-    text.write_text(shakespeare.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
-    prepare([text], root / "data", tokenizer="char")
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
-def run_dir(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(small_char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run trained through a real subprocess with every source of settings at once:
     preset < --config file < environment variable < flag."""
     root = tmp_path_factory.mktemp("run")
@@ -72,7 +61,7 @@ def run_dir(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "eval_interval = 10\neval_tokens = 2000\nlog_interval = 5\n"
         'lr = 0.01\nseed = 7\ndevice = "auto"\n'
     )
-    result = microgpt("train", "--config", config, "--data", char_data, "--out", root / "out", "--seed", "11",
+    result = microgpt("train", "--config", config, "--data", small_char_data, "--out", root / "out", "--seed", "11",
                       env={"MICROGPT_DEVICE": "cpu"})
     assert result.returncode == 0, result.stderr
     assert "settings" in result.stderr and "n_layer=1" in result.stderr
@@ -84,7 +73,7 @@ def run_dir(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_train_settings_follow_preset_file_env_flag_precedence(run_dir: Path) -> None:
     state = checkpoint.load(run_dir)
-    model, train = state["model_config"], state["train_config"]
+    model, train = asdict(state.model_config), state.train_config
     assert model["position"] == "rope" and model["activation"] == "relu2"  # from the preset
     assert model["context"] == 32 and train["lr"] == 0.01  # the file beats the preset (64, 3e-3)
     assert train["device"] == "cpu"  # the environment variable beats the file
@@ -124,12 +113,12 @@ def test_bad_config_files_are_one_clear_line(text: str, fragments: list[str], tm
     assert code == 1 and "does not exist" in err
 
 
-def test_eval_and_generate_take_config_files(run_dir: Path, char_data: Path, tmp_path: Path,
+def test_eval_and_generate_take_config_files(run_dir: Path, small_char_data: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     text = tmp_path / "t.txt"
     text.write_text("ROMEO:\nWhat light through yonder window breaks?\n")
     config = tmp_path / "eval.toml"
-    config.write_text(f'checkpoint = "{run_dir}"\ndata = "{char_data}"\njson = true\nbatch_size = 2\n')
+    config.write_text(f'checkpoint = "{run_dir}"\ndata = "{small_char_data}"\njson = true\nbatch_size = 2\n')
     code, out, err = cli(capsys, "eval", "--config", config, "--text", text)  # --text beats the file's data
     assert code == 0, err
     assert json.loads(out)["tokens"] == len(text.read_text()) - 1
@@ -141,16 +130,16 @@ def test_eval_and_generate_take_config_files(run_dir: Path, char_data: Path, tmp
     assert result.stdout == generate_text(run_dir, "ROMEO", 9, seed=3, device="cpu") + "\n"
 
 
-def test_environment_variables_set_the_default_paths(run_dir: Path, char_data: Path, tmp_path: Path,
+def test_environment_variables_set_the_default_paths(run_dir: Path, small_char_data: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)  # no out/ or data/ here: only the variables can point at them
     monkeypatch.setenv("MICROGPT_OUT", str(run_dir))
-    monkeypatch.setenv("MICROGPT_DATA", str(char_data))
+    monkeypatch.setenv("MICROGPT_DATA", str(small_char_data))
     monkeypatch.setenv("MICROGPT_DEVICE", "cpu")
     code, out, err = cli(capsys, "eval", "--json", "--batch-size", "64")
     assert code == 0, err
-    assert json.loads(out)["tokens"] == describe(char_data)["splits"]["val"]["tokens"] - 1
+    assert json.loads(out)["tokens"] == describe(small_char_data)["splits"]["val"]["tokens"] - 1
     code, out, err = cli(capsys, "info", "--json")
     assert code == 0 and json.loads(out)["path"] == str(run_dir)
     monkeypatch.setenv("MICROGPT_DEVICE", "tpu")
@@ -163,25 +152,25 @@ def test_environment_variables_set_the_default_paths(run_dir: Path, char_data: P
 # --- info ------------------------------------------------------------------------------------
 
 
-def test_info_on_run_dir_checkpoint_and_data_dir(run_dir: Path, char_data: Path,
+def test_info_on_run_dir_checkpoint_and_data_dir(run_dir: Path, small_char_data: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = cli(capsys, "info", run_dir, "--json")
     assert code == 0, err
     run = json.loads(out)
-    model = GPT(ModelConfig(**checkpoint.load(run_dir)["model_config"]))
+    model = GPT(checkpoint.load(run_dir).model_config)
     assert run["kind"] == "run" and run["model"]["params"] == model.num_params()
-    vocab_size = json.loads((char_data / "meta.json").read_text())["vocab_size"]
+    vocab_size = json.loads((small_char_data / "meta.json").read_text())["vocab_size"]
     assert run["tokenizer"] == {"kind": "char", "name": "char", "vocab_size": vocab_size}
     assert run["training"]["step"] == 20 and run["training"]["best_val_loss"] > 0 and run["training"]["elapsed"] > 0
     assert set(run["checkpoints"]) == {"best.pt", "last.pt"}
-    assert run["data"]["dir"] == str(char_data)
+    assert run["data"]["dir"] == str(small_char_data)
 
     code, out, _ = cli(capsys, "info", run_dir / "best.pt", "--json")
     ckpt = json.loads(out)
     assert ckpt["kind"] == "checkpoint" and ckpt["file"]["bytes"] == (run_dir / "best.pt").stat().st_size
     assert ckpt["training"]["resumable"] is False
 
-    code, out, _ = cli(capsys, "info", char_data, "--json")
+    code, out, _ = cli(capsys, "info", small_char_data, "--json")
     data = json.loads(out)
     assert data["kind"] == "data" and data["dtype"] == "uint16" and data["splits"]["train"]["tokens"] > 0
     assert data["inputs"][0]["path"].endswith("shakespeare.txt")
@@ -241,7 +230,7 @@ def _checkpoint(path: Path, tokenizer_spec: dict[str, Any], **overrides: Any) ->
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    checkpoint.save(path, checkpoint.model_state(model, tokenizer))
+    checkpoint.save(path, checkpoint.Checkpoint.of(model, tokenizer))
     return path, model
 
 

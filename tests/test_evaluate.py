@@ -12,9 +12,9 @@ import torch
 
 from conftest import TINY_TEXT, tiny_model, write_data_dir
 from microgpt_cli.checkpoint import load_checkpoint
-from microgpt_cli.data import open_split, read_meta
+from microgpt_cli.dataset import open_split, read_meta
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.evaluate import evaluate, split_loss
+from microgpt_cli.evaluation import evaluate, split_loss
 from microgpt_cli.tokenizer import Tokenizer, train_char
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from microgpt_cli.config import ModelConfig, resolve
+from microgpt_cli.config import InvalidSetting, ModelConfig, resolve
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT, apply_rotary, rotary_tables
 
@@ -96,8 +96,12 @@ def test_flops_per_token_counts_matmuls() -> None:
     ],
 )
 def test_config_validation(bad: dict, message: str) -> None:
-    with pytest.raises(MicroGPTError, match=message):
+    """The library names the field (n_layer); the CLI shows the flag (--n-layer)."""
+    with pytest.raises(InvalidSetting) as raised:
         ModelConfig(**{**SMALL, **bad})
+    assert message in raised.value.with_flags()
+    field = message.removeprefix("--").replace("-", "_")
+    assert field in str(raised.value) and "--" not in str(raised.value)
 
 
 def test_presets_fill_options_and_flags_win() -> None:
@@ -107,5 +111,6 @@ def test_presets_fill_options_and_flags_win() -> None:
     model_kwargs, train_kwargs = resolve("cpu", {"optimizer": "adamw"})
     assert model_kwargs["position"] == "rope" and model_kwargs["qk_norm"] is True
     assert train_kwargs["optimizer"] == "adamw" and train_kwargs["batch_size"] == 24
-    with pytest.raises(MicroGPTError, match="--preset"):
+    with pytest.raises(InvalidSetting, match="preset 'huge'") as raised:
         resolve("huge", {})
+    assert "--preset" in raised.value.with_flags()

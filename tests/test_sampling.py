@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_TEXT, tiny_model
+from microgpt_cli.config import InvalidSetting
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
 from microgpt_cli.sampling import Decoder, Detokenizer, generate_text, sample_next, stream_text
@@ -179,11 +180,17 @@ def test_generation_leaves_training_mode_and_autograd_alone(char_tokenizer: Toke
         (dict(top_p=0.0), "--top-p"),
         (dict(top_p=1.01), "--top-p"),
         (dict(length=-1), "--length"),
+        (dict(seed=-1), "--seed"),
+        (dict(seed=10**23), "--seed"),
+        (dict(temperature=float("inf")), "--temperature"),
     ],
 )
 def test_bad_options_are_clear_errors(options: dict, message: str, char_tokenizer: Tokenizer) -> None:
-    with pytest.raises(MicroGPTError, match=message):
+    """The library names the setting (top_k); the CLI shows it as its flag (--top-k)."""
+    with pytest.raises(InvalidSetting) as raised:
         stream_text(tiny_model(char_tokenizer.vocab_size), "Hi", tokenizer=char_tokenizer, **options)
+    assert message in raised.value.with_flags()
+    assert message.removeprefix("--").replace("-", "_") in str(raised.value)
 
 
 def test_unknown_character_and_missing_tokenizer_are_clear_errors(char_tokenizer: Tokenizer) -> None:

@@ -1,5 +1,5 @@
-"""Data dirs: `prepare` turns any text into train.bin/val.bin/meta.json, and `Batches` reads
-them back as training batches through a memmap, so no split is ever loaded whole."""
+"""`prepare`: any text in, a data dir out (train.bin, val.bin, meta.json), written atomically.
+Reading data dirs back is `dataset.py`'s job."""
 
 from __future__ import annotations
 
@@ -15,26 +15,29 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal, get_args
 
 import numpy as np
 
 from microgpt_cli import tokenizer as tok_lib
+from microgpt_cli.dataset import META_FILE, META_VERSION, SPLITS
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.files import atomic_dir, write_synced
 
-META_VERSION = 1
-SPLITS = ("train", "val")
 
 
 # --- prepare ---------------------------------------------------------------------------------
 
 CHUNK_BYTES = 1 << 20  # per tokenizer call: large enough to amortize the call, small enough to stream
 MAX_PENDING_CHUNKS = 16  # text with no safe cut point for this many chunk sizes is cut anyway
+DEFAULT_TOKENIZER = "gpt2"
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_BPE_VOCAB_SIZE = 4096
-ERROR_MODES = ("strict", "replace")
+ErrorMode = Literal["strict", "replace"]
+ERROR_MODES: tuple[str, ...] = get_args(ErrorMode)
+SampleName = Literal["tinyshakespeare"]
 STDIN = "-"
 _SNIFF_BYTES = 8192
 
@@ -63,10 +66,11 @@ class _Source:
 
 
 def prepare(
-    inputs: Sequence[str | Path],
+    inputs: Sequence[str | Path] = (),
     out: str | Path = "data",
     *,
-    tokenizer: str = "gpt2",
+    sample: str | None = None,
+    tokenizer: str = DEFAULT_TOKENIZER,
     vocab_size: int | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     force: bool = False,
@@ -76,7 +80,8 @@ def prepare(
     stdin: BinaryIO | None = None,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> dict[str, Any]:
-    """Tokenize text files (or "-" for stdin) into `out`/{train,val}.bin and meta.json; returns meta.
+    """Tokenize text files (or "-" for stdin), and the packaged `sample` corpus if named, into
+    `out`/{train,val}.bin and meta.json; returns meta.
 
     The last `val_fraction` of every input goes to val. Text streams through in chunks cut where
     tokenization cannot change, so memory stays flat and ids equal encoding each part whole.
@@ -89,7 +94,7 @@ def prepare(
     out = Path(out)
     _check_options(out, tokenizer, vocab_size, val_fraction, force, errors)
     try:
-        files = _resolve_inputs(inputs, out)
+        files = _resolve_inputs(inputs, out, sample)
         tok = None if tok_lib.needs_corpus(tokenizer) else tok_lib.named(tokenizer)
         with atomic_dir(out, force) as tmp:
             sources = _plan_sources(files, tmp, stdin, val_fraction)
@@ -116,7 +121,7 @@ def prepare(
                 "chars_per_token": round(chars / tokens, 4),
                 "seconds": round(time.monotonic() - started, 3),
             }
-            write_synced(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+            write_synced(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
             (tmp / ".stdin").unlink(missing_ok=True)  # the spooled stdin is not part of the dataset
     except OSError as exc:  # unreadable input, unwritable output dir, a full disk: the user can fix these
         raise MicroGPTError(f"cannot prepare {out}: {exc}") from exc
@@ -138,27 +143,46 @@ def _check_options(out: Path, tokenizer: str, vocab_size: int | None, val_fracti
         raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
 
 
-def _resolve_inputs(inputs: Sequence[str | Path], out: Path) -> list[Path | None]:
-    """Input files in order, None standing for stdin; directories give their text files, sorted."""
-    if not inputs:
-        raise MicroGPTError("no input given; pass text files, directories or - for stdin")
-    files: list[Path | None] = []
+SAMPLES = {name: f"{name}.txt" for name in get_args(SampleName)}  # packaged corpora: see samples/README.md
+
+
+def sample_path(name: str) -> Path:
+    """The packaged corpus `name` (one of SAMPLES)."""
+    if name not in SAMPLES:
+        raise MicroGPTError(f"unknown sample {name!r}; choose one of {', '.join(SAMPLES)}")
+    return Path(str(resources.files("microgpt_cli") / "samples" / SAMPLES[name]))
+
+
+def _resolve_inputs(inputs: Sequence[str | Path], out: Path, sample: str | None) -> list[tuple[str, Path | None]]:
+    """(name, file) of every input in order, None standing for stdin; directories give their text
+    files, sorted. Each file may come once: a second reading would silently double it."""
+    if not inputs and sample is None:
+        raise MicroGPTError("no input given; pass text files, directories, - for stdin, or --sample")
+    files: list[tuple[str, Path | None]] = []
     for given in inputs:
         if str(given) == STDIN:
-            files.append(None)
+            files.append((STDIN, None))
             continue
         path = Path(given)
         if path.is_dir():
             found = _text_files(path, out)
             if not found:
                 raise MicroGPTError(f"directory {path} has no text files (hidden and binary files are skipped)")
-            files += found
+            files += [(str(f), f) for f in found]
         elif path.is_file():
-            files.append(path)
+            files.append((str(path), path))
         elif path.exists():
             raise MicroGPTError(f"{path} is not a regular file or directory; pipe it in with - instead")
         else:
             raise MicroGPTError(f"input {path} does not exist")
+    if sample is not None:
+        files.append((f"sample:{sample}", sample_path(sample)))
+    seen: dict[object, str] = {}
+    for name, path in files:
+        key = STDIN if path is None else path.resolve()
+        if key in seen:
+            raise MicroGPTError(f"input {name} is given twice (also as {seen[key]}); each input is read once")
+        seen[key] = name
     return files
 
 
@@ -181,18 +205,14 @@ def _looks_binary(path: Path) -> bool:
         return b"\x00" in f.read(_SNIFF_BYTES)
 
 
-def _plan_sources(files: list[Path | None], tmp: Path, stdin: BinaryIO | None, val_fraction: float) -> list[_Source]:
+def _plan_sources(files: list[tuple[str, Path | None]], tmp: Path, stdin: BinaryIO | None,
+                  val_fraction: float) -> list[_Source]:
     sources = []
-    spool: Path | None = None
-    for path in files:
-        name = str(path)
-        if path is None:
-            name = STDIN
-            if spool is None:  # stdin can be read once: keep a copy to stream twice
-                spool = tmp / ".stdin"
-                with open(spool, "wb") as f:
-                    shutil.copyfileobj(stdin or sys.stdin.buffer, f, CHUNK_BYTES)
-            path = spool
+    for name, path in files:
+        if path is None:  # stdin can be read once: keep a copy to stream twice
+            path = tmp / ".stdin"
+            with open(path, "wb") as f:
+                shutil.copyfileobj(stdin or sys.stdin.buffer, f, CHUNK_BYTES)
         size = path.stat().st_size
         with open(path, "rb") as f:
             sources.append(_Source(name, path, size, _val_start(f, size, val_fraction)))
@@ -374,85 +394,3 @@ def _write_splits(tok: tok_lib.Tokenizer, sources: list[_Source], tmp: Path, dty
                 f"with --val-fraction, give more text"
             )
     return splits, chars
-
-
-# --- reading a data dir ----------------------------------------------------------------------
-
-
-def read_meta(data_dir: str | Path) -> dict[str, Any]:
-    """meta.json of a prepared data dir, after checking that the dir is complete."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise MicroGPTError(f"data dir {data_dir} does not exist; run `microgpt prepare INPUT --out {data_dir}` first")
-    missing = [name for name in ("meta.json", "train.bin", "val.bin") if not (data_dir / name).is_file()]
-    if missing:
-        raise MicroGPTError(f"data dir {data_dir} is incomplete (missing {', '.join(missing)}); run `microgpt prepare` again")
-    try:
-        meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
-        meta["tokenizer"]["kind"], meta["dtype"], meta["vocab_size"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise MicroGPTError(f"{data_dir / 'meta.json'} is not a valid microgpt meta file: {exc}") from exc
-    return meta
-
-
-def open_split(data_dir: str | Path, split: str, meta: dict[str, Any]) -> np.ndarray:
-    """The token ids of one split as a read-only memmap."""
-    path = Path(data_dir) / f"{split}.bin"
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=meta["dtype"])
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
-
-
-def data_fingerprint(meta: dict[str, Any]) -> dict[str, Any]:
-    """What identifies a dataset, stored in checkpoints to refuse resuming on different data."""
-    return {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
-            "inputs": [i.get("sha256") for i in meta.get("inputs", [])]}
-
-
-# --- batches ---------------------------------------------------------------------------------
-
-
-class Batches:
-    """Training batches as epochs over non-overlapping windows of `context + 1` tokens.
-
-    Each epoch shuffles the windows (and shifts them by a random offset) with a generator seeded
-    by (seed, epoch), so micro-batch `i` is a pure function of `i`: resuming needs only the step.
-    `batch_size` is global: each of `world` processes takes its own equal slice of every
-    micro-batch, so the data and the effective batch are the same for any world size."""
-
-    def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        if batch_size % world:
-            raise MicroGPTError(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
-        self.tokens = tokens
-        self.context = context
-        self.batch_size = batch_size
-        self.seed = seed
-        self.local = batch_size // world
-        self.first_row = rank * self.local
-        self.windows = (len(tokens) - context) // context
-        self.per_epoch = self.windows // batch_size
-        if self.per_epoch < 1:
-            raise MicroGPTError(
-                f"the training split ({len(tokens):,} tokens) is too small for --context {context} "
-                f"and --batch-size {batch_size}; lower them or add text"
-            )
-        self._epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
-        self._offset = 0
-
-    def _shuffle(self, epoch: int) -> None:
-        rng = np.random.default_rng([self.seed, epoch])
-        self._offset = int(rng.integers(self.context))
-        self._order = rng.permutation(self.windows)
-        self._epoch = epoch
-
-    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """This process's rows of micro-batch `index` (counted over the whole run): inputs and
-        targets, each (batch_size / world, context)."""
-        epoch, within = divmod(index, self.per_epoch)
-        if epoch != self._epoch:
-            self._shuffle(epoch)
-        first = within * self.batch_size + self.first_row
-        starts = self._order[first : first + self.local] * self.context + self._offset
-        rows = self.tokens[starts[:, None] + np.arange(self.context + 1)].astype(np.int64)
-        return rows[:, :-1], rows[:, 1:]

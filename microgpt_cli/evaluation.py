@@ -14,12 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from microgpt_cli import data
+from microgpt_cli import dataset
 from microgpt_cli.checkpoint import load_checkpoint, unwrap
 from microgpt_cli.device import resolve_device
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer
+
+
+DEFAULT_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,10 @@ class EvalResult:
     bits_per_byte: float  # total nats / ln 2 / UTF-8 bytes of the predicted tokens
     tokens: int  # tokens predicted
     seconds: float  # time spent scoring (loading excluded)
+    skipped: int | None = None  # with skip_unknown: characters left out of the text (None: not asked)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @torch.inference_mode()
@@ -39,6 +43,7 @@ def split_loss(
     model: GPT, tokens: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
     max_tokens: int = 0, token_bytes: np.ndarray | None = None,
     on_progress: Callable[[int], None] | None = None, shard: tuple[int, int] = (0, 1),
+    deadline: float | None = None,
 ) -> tuple[float, int, int]:
     """Summed cross-entropy (nats), predicted token count and their byte count over `tokens`.
 
@@ -46,7 +51,8 @@ def split_loss(
     from the window holding token i, so tokens 1..N-1 are each scored once. `max_tokens` > 0
     scores only a prefix (a cheaper estimate during training). `shard=(rank, world)` scores
     every world-th window from the rank-th, so the sums over all ranks are the whole split's.
-    `on_progress` gets the number of tokens scored so far after each batch."""
+    `on_progress` gets the number of tokens scored so far after each batch. Past `deadline` (a
+    time.perf_counter value) no further batch is started: the sums then cover a prefix."""
     was_training = model.training
     model.eval()
     context = unwrap(model).config.context
@@ -70,6 +76,8 @@ def split_loss(
             nbytes += int(token_bytes[rows[:, 1:]].sum())
         if on_progress is not None:
             on_progress(count)
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
     model.train(was_training)
     total = float(torch.stack(sums).cpu().double().sum()) if sums else 0.0
     return total, count, nbytes
@@ -79,25 +87,29 @@ def evaluate(
     checkpoint: str | Path = "out",
     data_dir: str | Path = "data",
     text: str | Path | None = None,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "auto",
     on_progress: Callable[[int, int], None] | None = None,
+    skip_unknown: bool = False,
 ) -> EvalResult:
     """Score a checkpoint on the whole validation split of `data_dir`, or on a UTF-8 text file
-    (`text`, tokenized with the checkpoint's own tokenizer). `on_progress(done, total)` follows
-    the predicted tokens."""
+    (`text`, tokenized with the checkpoint's own tokenizer). Characters a char vocabulary lacks
+    are an error naming where they are, or with `skip_unknown` are left out and counted in the
+    result. `on_progress(done, total)` follows the predicted tokens."""
     if batch_size < 1:
         raise MicroGPTError(f"--batch-size must be at least 1, got {batch_size}")
     resolved = resolve_device(device)
+    skipped = None
     if text is not None:
         source = read_text(Path(text))  # before loading the model: a wrong path fails fast
         model, tokenizer = load_checkpoint(checkpoint, resolved)
+        source, skipped = _known_text(source, tokenizer, Path(text), skip_unknown)
         tokens = tokenizer.encode_array(source)
     else:
-        meta = data.read_meta(data_dir)
+        meta = dataset.read_meta(data_dir)
         model, tokenizer = load_checkpoint(checkpoint, resolved)
         check_same_tokenizer(meta, tokenizer, Path(data_dir))
-        tokens = data.open_split(data_dir, "val", meta)
+        tokens = dataset.open_split(data_dir, "val", meta)
     if len(tokens) < 2:
         raise MicroGPTError("nothing to evaluate: the text has fewer than 2 tokens")
     total_targets = len(tokens) - 1
@@ -110,7 +122,27 @@ def evaluate(
     loss = nats / count
     perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
     bits_per_byte = nats / math.log(2) / nbytes if nbytes else math.nan
-    return EvalResult(loss, perplexity, bits_per_byte, count, seconds)
+    return EvalResult(loss, perplexity, bits_per_byte, count, seconds, skipped)
+
+
+def _known_text(text: str, tokenizer: Tokenizer, path: Path, skip_unknown: bool) -> tuple[str, int | None]:
+    """`text` without the characters `tokenizer` cannot encode (only a char vocabulary lacks any)
+    and how many were left out (None unless `skip_unknown`); without `skip_unknown` any such
+    character is an error that says where the first one is and how many there are."""
+    unknown = tokenizer.unknown_positions(text)
+    if len(unknown) and not skip_unknown:
+        at = int(unknown[0])
+        line = text.count("\n", 0, at) + 1
+        column = at - text.rfind("\n", 0, at)
+        raise MicroGPTError(
+            f"{path}: {len(unknown):,} character(s) are not in the checkpoint's {tokenizer.name} vocabulary, the first "
+            f"{text[at]!r} (U+{ord(text[at]):04X}) at character {at:,} (line {line}, column {column}); pass "
+            f"--skip-unknown to score the text without them"
+        )
+    if not skip_unknown:
+        return text, None
+    missing = {ord(text[i]): None for i in unknown}
+    return text.translate(missing), len(unknown)
 
 
 def read_text(path: Path) -> str:

@@ -1,0 +1,147 @@
+"""Reading a prepared data dir: meta.json checked against its token files, the splits as memmaps
+(so no split is ever loaded whole) and training batches. train, eval and info use only this
+side; `dataprep.py` writes data dirs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.tokenizer import Tokenizer, from_spec
+
+META_FILE = "meta.json"
+META_VERSION = 1
+SPLITS = ("train", "val")
+# Token file dtypes and the largest vocabulary each can hold.
+DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}
+_ID_CHECK_CHUNK = 1 << 24  # ids scanned at once when checking a split: bounded memory on huge splits
+
+
+def _corrupt(data_dir: Path, problem: str) -> MicroGPTError:
+    return MicroGPTError(f"data dir {data_dir} is corrupted: {problem}; run `microgpt prepare` again")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    """meta.json of a prepared data dir, after checking that it is complete and that meta.json
+    agrees with the token files (types, dtype, vocabulary size, token counts)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise MicroGPTError(f"data dir {data_dir} does not exist; run `microgpt prepare INPUT --out {data_dir}` first")
+    missing = [name for name in (META_FILE, "train.bin", "val.bin") if not (data_dir / name).is_file()]
+    if missing:
+        raise MicroGPTError(
+            f"data dir {data_dir} is incomplete (missing {', '.join(missing)}); run `microgpt prepare` again")
+    try:
+        meta = json.loads((data_dir / META_FILE).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise _corrupt(data_dir, f"{META_FILE} is not readable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise _corrupt(data_dir, f"{META_FILE} is not a JSON object")
+    if meta.get("version") != META_VERSION:
+        raise _corrupt(data_dir, f"{META_FILE} has version {meta.get('version')!r}, this microgpt reads {META_VERSION}")
+    if not isinstance(meta.get("tokenizer"), dict) or not isinstance(meta["tokenizer"].get("kind"), str):
+        raise _corrupt(data_dir, f"{META_FILE} has no valid tokenizer definition")
+    dtype, vocab_size = meta.get("dtype"), meta.get("vocab_size")
+    if dtype not in DTYPES:
+        raise _corrupt(data_dir, f"{META_FILE} has dtype {dtype!r}, not one of {', '.join(DTYPES)}")
+    if not _is_int(vocab_size) or not 1 <= vocab_size <= DTYPES[dtype]:
+        raise _corrupt(data_dir, f"{META_FILE} has vocab_size {vocab_size!r}, not a count that {dtype} ids can hold")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or any(not isinstance(splits.get(s), dict) for s in SPLITS):
+        raise _corrupt(data_dir, f"{META_FILE} does not describe the train and val splits")
+    itemsize = np.dtype(dtype).itemsize
+    for split in SPLITS:
+        size = (data_dir / f"{split}.bin").stat().st_size
+        if size % itemsize:
+            raise _corrupt(data_dir, f"{split}.bin has {size:,} bytes, not a whole number of {dtype} ids")
+        tokens = splits[split].get("tokens")
+        if tokens != size // itemsize:
+            raise _corrupt(data_dir, f"{split}.bin holds {size // itemsize:,} ids but {META_FILE} says {tokens!r}")
+    return meta
+
+
+def data_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer that made a data dir, checked against the vocabulary size meta.json records."""
+    tokenizer = from_spec(meta["tokenizer"])
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise MicroGPTError(f"the data's meta.json says vocab_size {meta['vocab_size']} but its tokenizer "
+                            f"has {tokenizer.vocab_size} tokens: the data dir is corrupted; run `microgpt prepare` again")
+    return tokenizer
+
+
+def open_split(data_dir: str | Path, split: str, meta: dict[str, Any], check_ids: bool = True) -> np.ndarray:
+    """The token ids of one split as a read-only memmap; with `check_ids`, every id is checked to
+    be inside the vocabulary first (an id past it would index out of the embedding)."""
+    path = Path(data_dir) / f"{split}.bin"
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=meta["dtype"])
+    tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+    if check_ids:
+        for start in range(0, len(tokens), _ID_CHECK_CHUNK):
+            chunk = tokens[start : start + _ID_CHECK_CHUNK]
+            top = int(chunk.max())
+            if top >= meta["vocab_size"]:
+                at = start + int(np.argmax(chunk >= meta["vocab_size"]))
+                raise _corrupt(Path(data_dir), f"{split}.bin has token id {top} at position {at:,}, outside the "
+                                               f"vocabulary of {meta['vocab_size']}")
+    return tokens
+
+
+def data_fingerprint(meta: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a dataset, stored in checkpoints to refuse resuming on different data."""
+    return {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
+            "inputs": [i.get("sha256") for i in meta.get("inputs", [])]}
+
+
+class Batches:
+    """Training batches as epochs over non-overlapping windows of `context + 1` tokens.
+
+    Each epoch shuffles the windows (and shifts them by a random offset) with a generator seeded
+    by (seed, epoch), so micro-batch `i` is a pure function of `i`: resuming needs only the step.
+    `batch_size` is global: each of `world` processes takes its own equal slice of every
+    micro-batch, so the data and the effective batch are the same for any world size."""
+
+    def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise MicroGPTError(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
+        self.tokens = tokens
+        self.context = context
+        self.batch_size = batch_size
+        self.seed = seed
+        self.local = batch_size // world
+        self.first_row = rank * self.local
+        self.windows = (len(tokens) - context) // context
+        self.per_epoch = self.windows // batch_size
+        if self.per_epoch < 1:
+            raise MicroGPTError(
+                f"the training split ({len(tokens):,} tokens) is too small for --context {context} "
+                f"and --batch-size {batch_size}; lower them or add text"
+            )
+        self._epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+        self._offset = 0
+
+    def _shuffle(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch])
+        self._offset = int(rng.integers(self.context))
+        self._order = rng.permutation(self.windows)
+        self._epoch = epoch
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's rows of micro-batch `index` (counted over the whole run): inputs and
+        targets, each (batch_size / world, context)."""
+        epoch, within = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            self._shuffle(epoch)
+        first = within * self.batch_size + self.first_row
+        starts = self._order[first : first + self.local] * self.context + self._offset
+        rows = self.tokens[starts[:, None] + np.arange(self.context + 1)].astype(np.int64)
+        return rows[:, :-1], rows[:, 1:]

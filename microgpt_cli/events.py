@@ -1,0 +1,111 @@
+"""What the training loop reports, as typed events: the loop emits them and never prints; the
+CLI's display (progress.py) and any Python caller decide how to show them. Only the main
+process emits events."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Union
+
+from microgpt_cli.config import ModelConfig, TrainConfig
+
+METRICS_FILE = "metrics.jsonl"  # a run dir's log: one JSON Metrics object per line
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """One line of metrics.jsonl: the state of the run at a log or evaluation step."""
+
+    step: int
+    epoch: float
+    tokens: int  # tokens trained on so far
+    train_loss: float  # mean over the steps since the previous line
+    lr: float
+    tokens_per_sec: float  # training throughput since the previous line
+    elapsed: float  # seconds of the whole run so far, resumes included
+    val_loss: float | None = None  # only at evaluations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """The settings in force (on resume, the saved run's with the `changes` applied) and the run's size."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    device: str
+    world_size: int
+    params: int
+    tokenizer: str
+    vocab_size: int
+    train_tokens: int
+    val_tokens: int
+    tokens_per_step: int
+    steps_per_epoch: float
+    total_steps: int  # what --epochs and --max-steps allow; a --time-budget may end the run sooner
+    step: int  # where this call starts: 0, or the step resumed from
+    resumed: bool = False
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # on resume: {setting: (old, new)}
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """After every optimizer step; cheap, with no loss (reading it would wait for the device)."""
+
+    step: int
+    elapsed: float
+    expected_steps: int  # the best guess of where the run ends
+
+
+@dataclass(frozen=True)
+class Logged:
+    """Every --log-interval steps."""
+
+    metrics: Metrics
+    expected_steps: int
+
+
+@dataclass(frozen=True)
+class EvalProgress:
+    """During an evaluation: validation tokens scored so far, of `total`."""
+
+    step: int
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """Every --eval-interval steps and at the end, once the checkpoints are saved."""
+
+    metrics: Metrics
+    best_val: float
+    improved: bool  # best.pt was written
+    val_tokens: int  # tokens the validation loss was measured on
+    expected_steps: int
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    """The summary of the run (also what `training.train` returns)."""
+
+    steps: int
+    total_steps: int
+    epochs: float
+    best_val_loss: float | None
+    train_loss: float | None
+    val_loss: float | None
+    elapsed: float
+    tokens_per_sec: float  # training steps after the first (which pays one-off warm-up costs)
+    params: int
+    best: str
+    last: str
+    reason: str  # "steps", "time budget" or "nothing to do"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Event = Union[RunStarted, StepDone, Logged, EvalProgress, Evaluated, RunEnded]

@@ -1,0 +1,602 @@
+"""The training loop. It reports typed events (events.py) through `on_event` and never prints:
+the CLI decides how a person or a log file sees them.
+
+Under `torchrun` every process runs this same code: each takes its slice of every batch, DDP
+averages the gradients, evaluation is split across processes and summed, and only the main
+process writes files or emits events. Decisions that depend on time or signals are taken at
+log steps, from values summed across processes, so that every process takes the same one."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from microgpt_cli import checkpoint, distributed
+from microgpt_cli.checkpoint import RUN_FILES, Checkpoint, TrainingState
+from microgpt_cli.config import CONFIG_FILE, ModelConfig, TrainConfig, resume_settings, save_config
+from microgpt_cli.dataset import Batches, data_fingerprint, data_tokenizer, open_split, read_meta
+from microgpt_cli.device import autocast, resolve_device
+from microgpt_cli.errors import Interrupted, MicroGPTError
+from microgpt_cli.evaluation import split_loss
+from microgpt_cli.events import (
+    METRICS_FILE, EvalProgress, Evaluated, Event, Logged, Metrics, RunEnded, RunStarted, StepDone,
+)
+from microgpt_cli.files import atomic_write, dir_lock, remove_stale_temp_files
+from microgpt_cli.model import GPT
+from microgpt_cli.optim import build_optimizers, lr_factor
+from microgpt_cli.plot import LOSS_PLOT, save_loss_plot
+from microgpt_cli.tokenizer import Tokenizer
+
+EventFn = Callable[[Event], None]
+EVAL_SHARE = 0.1  # under --time-budget, one evaluation may take at most this share of the budget
+FORWARD_SHARE = 1 / 3  # a forward pass's share of a training step, to predict an evaluation's time
+SAVE_BYTES_PER_SEC = 300e6  # a conservative disk speed, to predict a save before one is timed
+MAX_STEPS = 10**15  # a step count no run reaches; caps --epochs 1e300
+_DISCARD = ".discard"  # where a new run moves the previous one's files before deleting them
+
+
+def _ignore(event: Event) -> None:
+    pass
+
+
+@contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so that it can finish the
+    step and save a resumable checkpoint instead of dying mid-write."""
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built and checked before the first step."""
+
+    cfg: TrainConfig
+    model_config: ModelConfig
+    out: Path
+    world: distributed.World
+    device: torch.device
+    tokenizer: Tokenizer
+    fingerprint: dict[str, Any]
+    model: GPT
+    optimizers: list[torch.optim.Optimizer]
+    batches: Batches
+    val_tokens: np.ndarray
+    total_steps: int
+    steps_per_epoch: float
+    step: int = 0
+    elapsed: float = 0.0
+    best_val: float = math.inf
+    resumed: bool = False
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.model_config.context
+
+
+# --- building a run --------------------------------------------------------------------------
+
+
+def run_exists(out: Path) -> bool:
+    return any((out / name).exists() for name in RUN_FILES)
+
+
+def _resume_checkpoint(out: Path, fingerprint: dict[str, Any]) -> Checkpoint:
+    path = out / "last.pt"
+    if not path.is_file():
+        raise MicroGPTError(f"cannot --resume: {path} does not exist; start a run without --resume")
+    saved = checkpoint.load(path)
+    if saved.training is None:
+        raise MicroGPTError(f"cannot --resume: {path} holds no training state")
+    if saved.data != fingerprint:
+        raise MicroGPTError(f"cannot --resume: {path} was trained on different data or with another tokenizer")
+    return saved
+
+
+def _non_default(*configs: object) -> set[str]:
+    """The settings that differ from their defaults: what a Python caller asked for on resume."""
+    return {f.name for c in configs for f in fields(c) if getattr(c, f.name) != f.default}  # type: ignore[arg-type]
+
+
+def _device_for(world: distributed.World, name: str) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def planned_steps(cfg: TrainConfig, batches: Batches) -> tuple[int, float]:
+    """Optimizer steps that --epochs and --max-steps allow, and steps per epoch."""
+    steps_per_epoch = batches.per_epoch / cfg.grad_accum
+    total = max(1, math.ceil(min(cfg.epochs * steps_per_epoch, MAX_STEPS)))
+    return (min(total, cfg.max_steps) if cfg.max_steps else total), steps_per_epoch
+
+
+def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, force: bool,
+              world: distributed.World, given: set[str] | None = None) -> Run:
+    """Check the data and options, build or restore the model and optimizers.
+
+    With `resume`, the saved run's settings are the base and the settings named in `given` (by
+    default those that differ from the defaults) are applied to it; see config.resume_settings."""
+    out = Path(cfg.out)
+    meta = read_meta(cfg.data)
+    tokenizer = data_tokenizer(meta)
+    fingerprint = data_fingerprint(meta)
+    model_config = model_config or ModelConfig()
+    saved, changes = None, {}
+    if resume:
+        saved = _resume_checkpoint(out, fingerprint)
+        given = _non_default(model_config, cfg) if given is None else given
+        model_config, cfg, changes = resume_settings(saved.model_config, saved.train_settings, model_config, cfg, given)
+    elif run_exists(out) and not force:
+        raise MicroGPTError(f"{out} already holds a run; continue it with --resume, or pass --force to start over")
+    model_config = replace(model_config, vocab_size=meta["vocab_size"])
+
+    train_tokens = open_split(cfg.data, "train", meta)
+    val_tokens = open_split(cfg.data, "val", meta)
+    if len(val_tokens) <= model_config.context:
+        raise MicroGPTError(
+            f"--context {model_config.context} is longer than the validation split allows "
+            f"({len(val_tokens)} tokens); use a smaller --context or a larger --val-fraction in prepare"
+        )
+    batches = Batches(train_tokens, model_config.context, cfg.batch_size, cfg.seed, world.rank, world.size)
+    device = _device_for(world, cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    total_steps, steps_per_epoch = planned_steps(cfg, batches)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    model = GPT(model_config).to(device)
+    optimizers = build_optimizers(model, cfg, device)
+    run = Run(cfg, model_config, out, world, device, tokenizer, fingerprint, model, optimizers, batches,
+              val_tokens, total_steps, steps_per_epoch, changes=changes)
+    if saved is not None:
+        _restore(run, saved)
+    return run
+
+
+def _restore(run: Run, saved: Checkpoint) -> None:
+    state = saved.training
+    assert state is not None
+    path = run.out / "last.pt"
+    if len(state.optimizers) != len(run.optimizers):
+        raise MicroGPTError(f"cannot --resume: {path} holds the state of {len(state.optimizers)} optimizer(s) "
+                            f"but this run builds {len(run.optimizers)}")
+    try:
+        run.model.load_state_dict(saved.model)
+        for opt, opt_state in zip(run.optimizers, state.optimizers):
+            opt.load_state_dict(opt_state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise MicroGPTError(f"cannot --resume: {path} does not fit this run: {exc}".splitlines()[0]) from exc
+    run.step, run.elapsed, run.best_val, run.resumed = state.step, state.elapsed, state.best_val, True
+
+
+# --- the run dir -----------------------------------------------------------------------------
+
+
+class RunFiles:
+    """metrics.jsonl, config.toml, the checkpoints and the plot of a run; inert on every process but
+    the main one.
+
+    A new run in a dir that holds an older one takes the dir over at its first save, as a whole:
+    until then the old run stays as it was (a new run that diverges or is killed early loses
+    nothing), and from then on nothing of it is left beside the new files."""
+
+    def __init__(self, out: Path, active: bool):
+        self.out = out
+        self.active = active
+        self.metrics_path = out / METRICS_FILE
+        self.owned = False  # whether the dir's run files are this run's
+        self._pending: list[Metrics] = []  # metrics logged before this run owns the dir
+
+    def start(self, run: Run) -> None:
+        """Get the dir ready, under the run's lock: drop what a killed process left half-written;
+        on resume, drop metrics past the checkpoint (those steps are about to be redone)."""
+        if not self.active:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.out)
+        shutil.rmtree(self.out / _DISCARD, ignore_errors=True)
+        if run.resumed:
+            self._trim_metrics(run.step)
+            save_config(self.out, run.model_config, run.cfg)
+            self.owned = True
+
+    def take_over(self, run: Run) -> None:
+        """Make the dir this run's before its first save: the previous run's files are moved aside
+        one rename at a time, checkpoints first, then deleted; then this run's settings and the
+        metrics logged so far are written. An interruption leaves fewer old files, never a mix."""
+        if not self.active or self.owned:
+            return
+        discard = self.out / _DISCARD
+        for name in (*reversed(RUN_FILES), METRICS_FILE, LOSS_PLOT, CONFIG_FILE):
+            if (self.out / name).exists():
+                discard.mkdir(exist_ok=True)
+                (self.out / name).rename(discard / name)
+        shutil.rmtree(discard, ignore_errors=True)
+        save_config(self.out, run.model_config, run.cfg)
+        self.owned = True
+        for metrics in self._pending:
+            self.record(metrics)
+        self._pending.clear()
+
+    def _trim_metrics(self, last_step: int) -> None:
+        if self.metrics_path.exists():
+            kept = []
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= last_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+            atomic_write(self.metrics_path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+
+    def record(self, metrics: Metrics) -> None:
+        if not self.owned:
+            self._pending.append(metrics)
+        elif self.active:
+            with self.metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics.to_dict()) + "\n")
+
+    def plot(self) -> None:
+        """Redraw loss.png; a plot that cannot be written is not worth stopping a run for."""
+        if self.active and self.owned:
+            try:
+                save_loss_plot(self.out)
+            except (OSError, MicroGPTError):
+                pass
+
+    def save(self, name: str, run: Run, metrics: Metrics, resumable: bool) -> None:
+        self.take_over(run)
+        if not self.active:
+            return
+        training = None
+        if resumable:
+            training = TrainingState([opt.state_dict() for opt in run.optimizers], run.step, run.elapsed, run.best_val,
+                                     run.world.size)
+        state = Checkpoint.of(run.model, run.tokenizer, run.cfg, run.fingerprint, metrics.to_dict(), training)
+        checkpoint.save(self.out / name, state)
+
+
+# --- time ------------------------------------------------------------------------------------
+
+
+class Clock:
+    """The run's wall time (resumes included) and its --time-budget. The budget covers everything:
+    training stops early enough to leave `reserve()` seconds for the final evaluation and save,
+    predicted from the step time until an evaluation has been timed."""
+
+    def __init__(self, run: Run, started: float | None):
+        self.budget = run.cfg.time_budget
+        self._start = time.perf_counter() if started is None else started
+        self._before = run.elapsed
+        self._run = run
+        self._step_times: list[float] = []
+        self.step_seconds = 0.0  # the recent time of one optimizer step (0: not known yet)
+        self.eval_token_seconds = 0.0  # measured seconds per validation token and process (0: not yet)
+        self.save_seconds = 0.0  # measured seconds of the checkpoint saves and plot after an evaluation
+        self.eval_tokens = 0  # validation tokens per evaluation, fixed at the first one
+
+    def elapsed(self) -> float:
+        return self._before + time.perf_counter() - self._start
+
+    def observe_step(self, seconds: float) -> None:
+        self._step_times = (self._step_times + [seconds])[-20:]
+        self.step_seconds = statistics.median(self._step_times)
+
+    def observe_window(self, seconds_per_step: float) -> None:
+        """A log window's average step time: on a GPU the per-step times only measure launching."""
+        self._step_times = [seconds_per_step]
+        self.step_seconds = seconds_per_step
+
+    def _forward_token_seconds(self) -> float:
+        if self.eval_token_seconds:
+            return self.eval_token_seconds
+        run = self._run
+        tokens_per_process = run.tokens_per_step / run.world.size
+        return FORWARD_SHARE * self.step_seconds / tokens_per_process
+
+    def planned_eval_tokens(self) -> int:
+        """Validation tokens per evaluation: --eval-tokens (or the whole split); under a budget, at
+        most what one process scores in EVAL_SHARE of it. Fixed at the first evaluation, so that
+        every val loss of a run is measured on the same tokens."""
+        if self.eval_tokens:
+            return self.eval_tokens
+        run = self._run
+        wanted = run.cfg.eval_tokens or len(run.val_tokens) - 1
+        if self.budget and self.step_seconds:
+            affordable = EVAL_SHARE * self.budget / self._forward_token_seconds() * run.world.size
+            wanted = min(wanted, max(run.model_config.context, int(affordable)))
+        return wanted
+
+    def reserve(self) -> float:
+        """Seconds to keep for the final evaluation and saves (0 without a budget)."""
+        if not self.budget:
+            return 0.0
+        run = self._run
+        evaluation = self.planned_eval_tokens() / run.world.size * self._forward_token_seconds()
+        if self.save_seconds:
+            save = self.save_seconds
+        else:  # best.pt and last.pt: the weights, and AdamW's two moments in last.pt
+            save = 4 * run.model.num_params() * 4 / SAVE_BYTES_PER_SEC + 0.5
+        slack = (run.cfg.log_interval if run.world.distributed else 1) * self.step_seconds  # see Trainer._after_step
+        return 1.1 * (min(evaluation, EVAL_SHARE * self.budget) + save) + slack
+
+    def over(self) -> bool:
+        return bool(self.budget) and self.elapsed() + self.reserve() >= self.budget
+
+    def train_budget(self) -> float:
+        """Seconds of the budget that training itself may use (what the LR schedule spans)."""
+        return max(self.budget - self.reserve(), 1e-3) if self.budget else 0.0
+
+    def eval_deadline(self) -> float | None:
+        """A perf_counter time no evaluation may run past: the budget's end, less the saves."""
+        if not self.budget:
+            return None
+        return self._start + self.budget - self._before - (self.save_seconds or 0.0)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The RNG seed of one step on one process: dropout masks differ across processes (each has
+    its own rows of the batch) and depend only on the step, so a resumed run draws exactly the
+    masks of an uninterrupted one, under any number of processes."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def evaluate_val(run: Run, max_tokens: int = 0, deadline: float | None = None,
+                 on_progress: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """Validation loss over the split (or its first `max_tokens`), and the tokens it covers. Each
+    process scores its share of the windows and the sums are combined, so the value is the
+    single-process one."""
+    loss_sum, count, _ = split_loss(run.model, run.val_tokens, run.cfg.batch_size, run.device, max_tokens,
+                                    shard=(run.world.rank, run.world.size), deadline=deadline,
+                                    on_progress=on_progress)
+    totals = distributed.sum_across(run.world, torch.tensor([loss_sum, count], dtype=torch.float64, device=run.device))
+    return float(totals[0] / max(totals[1], 1)), int(totals[1])
+
+
+def train(
+    model_config: ModelConfig | None, cfg: TrainConfig, resume: bool = False, force: bool = False,
+    on_event: EventFn = _ignore, given: set[str] | None = None, started: float | None = None,
+) -> RunEnded:
+    """Train a model on `cfg.data`, writing best.pt, last.pt, metrics.jsonl, config.toml and loss.png
+    into `cfg.out`, which stays locked against other runs meanwhile.
+
+    With `resume`, continue the run in `cfg.out` exactly where last.pt left it; the settings named
+    in `given` (default: those not at their defaults) change it, see build_run. `started`
+    (a time.perf_counter value) is when the time budget began, if before this call. Returns the
+    run's summary. Raises MicroGPTError for bad input or divergence, Interrupted on Ctrl-C/SIGTERM."""
+    started = time.perf_counter() if started is None else started
+    world = distributed.launched_world()
+    out = Path(cfg.out)
+    with dir_lock(out, "`microgpt train`") if world.main else nullcontext():
+        run = build_run(model_config, cfg, resume, force, world, given)
+        distributed.init(world, run.device)
+        try:
+            return Trainer(run, on_event if world.main else _ignore, started).train()
+        except RuntimeError as exc:
+            if not world.distributed:
+                raise
+            raise MicroGPTError(f"a peer process failed or vanished ({str(exc).splitlines()[0]}); "
+                                f"{run.out / 'last.pt'} from the last save is intact: restart with --resume") from exc
+        finally:
+            distributed.shutdown(world)
+
+
+def run_loop(run: Run, on_event: EventFn = _ignore, started: float | None = None) -> RunEnded:
+    """Train a built run to its end (see Trainer)."""
+    return Trainer(run, on_event, started).train()
+
+
+class Trainer:
+    """The loop over optimizer steps of one run, with its logging, evaluation and stopping."""
+
+    def __init__(self, run: Run, on_event: EventFn, started: float | None):
+        self.run = run
+        self.emit = on_event
+        self.clock = Clock(run, started)
+        self.files = RunFiles(run.out, run.world.main)
+        self.runner: torch.nn.Module = torch.compile(run.model) if run.cfg.compile else run.model
+        if run.world.distributed:
+            device_ids = [run.device.index] if run.device.type == "cuda" else None
+            self.runner = DistributedDataParallel(self.runner, device_ids=device_ids)
+        self.loss_sum = torch.zeros((), device=run.device)
+        self.window_steps = 0  # steps since the last log line
+        self.window_start = 0.0
+        self.last: Metrics | None = None
+        self.lr_factor = 0.0
+        self.first_step = run.step
+        self.timed_steps, self.timed_seconds = 0, 0.0  # steps after this call's first, for tokens/s
+
+    def train(self) -> RunEnded:
+        run = self.run
+        if run.step >= run.total_steps or self.clock.over():
+            return self._end("nothing to do")
+        self.files.start(run)
+        self.emit(self._started())
+        run.model.train()
+        self.window_start = time.perf_counter()
+        with stop_requests() as signals:
+            while True:
+                began = time.perf_counter()
+                self._step()
+                seconds = time.perf_counter() - began
+                self.clock.observe_step(seconds)
+                if run.step > self.first_step + 1:
+                    self.timed_steps, self.timed_seconds = self.timed_steps + 1, self.timed_seconds + seconds
+                run.elapsed = self.clock.elapsed()
+                self.emit(StepDone(run.step, run.elapsed, self._expected_steps()))
+                reason = self._after_step(signals)
+                if reason:
+                    return self._end(reason)
+
+    def _started(self) -> RunStarted:
+        run = self.run
+        return RunStarted(
+            model_config=run.model_config, train_config=run.cfg, device=str(run.device), world_size=run.world.size,
+            params=run.model.num_params(), tokenizer=run.tokenizer.name, vocab_size=run.tokenizer.vocab_size,
+            train_tokens=len(run.batches.tokens), val_tokens=len(run.val_tokens),
+            tokens_per_step=run.tokens_per_step, steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
+            step=run.step, resumed=run.resumed, changes=run.changes,
+        )
+
+    def _step(self) -> None:
+        """One optimizer step over --grad-accum micro-batches, without waiting for the device."""
+        run, cfg = self.run, self.run.cfg
+        self.lr_factor = lr_factor(run.step, run.total_steps, cfg, self.clock.elapsed(), self.clock.train_budget())
+        for opt in run.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * self.lr_factor
+        torch.manual_seed(step_seed(cfg.seed, run.world.rank, run.step))
+        for micro in range(cfg.grad_accum):
+            x, y = run.batches.get(run.step * cfg.grad_accum + micro)
+            x, y = torch.from_numpy(x).to(run.device), torch.from_numpy(y).to(run.device)
+            # Only the last micro-batch of a step needs the gradient all-reduce.
+            sync = micro == cfg.grad_accum - 1 or not run.world.distributed
+            no_sync = nullcontext() if sync else self.runner.no_sync()  # type: ignore[operator]
+            with autocast(run.device), no_sync:
+                loss = self.runner(x, y) / cfg.grad_accum
+                loss.backward()
+            self.loss_sum += loss.detach()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        for opt in run.optimizers:
+            opt.step()
+        for opt in run.optimizers:
+            opt.zero_grad(set_to_none=True)
+        run.step += 1
+        self.window_steps += 1
+
+    def _after_step(self, signals: list[int]) -> str | None:
+        """Log, evaluate, save and decide whether the run ends here; returns why it ends, if it does.
+
+        One process decides after any step. Several agree at log, evaluation and final steps only,
+        on flags summed across them, so that none evaluates while another trains (both would hang)."""
+        run, cfg = self.run, self.run.cfg
+        at_end = run.step >= run.total_steps
+        scheduled_eval = run.step % cfg.eval_interval == 0
+        agreed_step = at_end or scheduled_eval or run.step % cfg.log_interval == 0
+        stop, over = bool(signals), self.clock.over()
+        if not agreed_step and (run.world.distributed or not (stop or over)):
+            return None
+        train_loss, stop, over = self._reduce(stop, over)
+        reason = "steps" if at_end else "time budget" if over else None
+        metrics = self._measure(train_loss)
+        if reason or scheduled_eval:
+            self._evaluate(metrics)
+        else:
+            self.files.record(metrics)
+            self.emit(Logged(metrics, self._expected_steps()))
+            if stop:
+                self.files.save("last.pt", run, metrics, resumable=True)
+        if stop and not reason:
+            name = signal.Signals(signals[0]).name if signals else "a signal to another process"
+            raise Interrupted(
+                f"{name} at step {run.step:,}/{run.total_steps:,}; {run.out / 'last.pt'} is saved: continue with "
+                f"`microgpt train --resume --out {run.out} --data {cfg.data}`"
+            )
+        return reason
+
+    def _reduce(self, stop: bool, over: bool) -> tuple[float, bool, bool]:
+        """The mean train loss since the last log line and the stop flags, agreed by all processes."""
+        world = self.run.world
+        flags = torch.tensor([float(stop), float(over)], device=self.run.device)
+        values = distributed.sum_across(world, torch.cat([self.loss_sum.reshape(1).float(), flags])).tolist()
+        return values[0] / (self.window_steps * world.size), values[1] > 0, values[2] > 0
+
+    def _measure(self, train_loss: float) -> Metrics:
+        run = self.run
+        if not math.isfinite(train_loss):
+            kept = ""
+            if (run.out / "best.pt").exists() and run.world.main:
+                whose = "" if self.files.owned else " (the previous run's: this one saved nothing yet)"
+                kept = f" {run.out / 'best.pt'} is kept{whose};"
+            raise MicroGPTError(f"training diverged: loss is {train_loss} at step {run.step};{kept} try a lower --lr")
+        now = time.perf_counter()
+        seconds_per_step = (now - self.window_start) / self.window_steps
+        if self.window_steps > 1 or run.step > self.first_step + 1:
+            self.clock.observe_window(seconds_per_step)
+        metrics = Metrics(
+            step=run.step, epoch=run.step / run.steps_per_epoch, tokens=run.step * run.tokens_per_step,
+            train_loss=train_loss, lr=run.cfg.lr * self.lr_factor, tokens_per_sec=run.tokens_per_step / seconds_per_step,
+            elapsed=run.elapsed,
+        )
+        self.loss_sum.zero_()
+        self.window_steps, self.window_start = 0, now
+        self.last = metrics
+        return metrics
+
+    def _evaluate(self, metrics: Metrics) -> None:
+        run, clock = self.run, self.clock
+        began = time.perf_counter()
+        wanted = clock.planned_eval_tokens()
+        self.files.take_over(run)
+
+        def progress(done: int) -> None:
+            self.emit(EvalProgress(run.step, min(done * run.world.size, wanted), wanted))
+
+        val_loss, scored = evaluate_val(run, wanted, clock.eval_deadline(), progress)
+        evaluated = time.perf_counter()
+        if scored:
+            clock.eval_tokens = clock.eval_tokens or wanted
+            clock.eval_token_seconds = (evaluated - began) / (scored / run.world.size)
+        improved = val_loss < run.best_val
+        run.best_val = min(run.best_val, val_loss)
+        run.elapsed = clock.elapsed()
+        metrics = replace(metrics, val_loss=val_loss, elapsed=run.elapsed)
+        self.files.record(metrics)
+        self.files.plot()
+        if improved:
+            self.files.save("best.pt", run, metrics, resumable=False)
+        self.files.save("last.pt", run, metrics, resumable=True)
+        clock.save_seconds = time.perf_counter() - evaluated
+        run.elapsed = clock.elapsed()
+        self.last = metrics
+        self.emit(Evaluated(metrics, run.best_val, improved, scored, self._expected_steps()))
+        self.window_start = time.perf_counter()  # tokens/s measures training, not evaluation
+
+    def _expected_steps(self) -> int:
+        """Where the run will end: --max-steps/--epochs, or sooner where the time budget runs out."""
+        run, clock = self.run, self.clock
+        if not run.cfg.time_budget or not clock.step_seconds:
+            return run.total_steps
+        left = max(0.0, clock.train_budget() - run.elapsed) / clock.step_seconds
+        return min(run.total_steps, run.step + round(left))
+
+    def _end(self, reason: str) -> RunEnded:
+        run, last = self.run, self.last
+        summary = RunEnded(
+            steps=run.step, total_steps=run.total_steps, epochs=run.step / run.steps_per_epoch,
+            best_val_loss=None if math.isinf(run.best_val) else run.best_val,
+            train_loss=last.train_loss if last else None, val_loss=last.val_loss if last else None,
+            elapsed=run.elapsed,
+            tokens_per_sec=self.timed_steps * run.tokens_per_step / self.timed_seconds if self.timed_seconds else 0.0,
+            params=run.model.num_params(), best=str(run.out / "best.pt"), last=str(run.out / "last.pt"), reason=reason,
+        )
+        self.emit(summary)
+        return summary
