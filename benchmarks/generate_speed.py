@@ -73,7 +73,7 @@ def main() -> None:
         cached(model, prompt, 4)  # warm up allocators and kernels
         for name, run, last_only in runs[: 2 if args.skip_api else 3]:
             head = model.head
-            model.head = LastPosition(head) if last_only else head
+            model.head = LastPosition(head) if last_only else head  # type: ignore[assignment]
             start = time.perf_counter()
             out = run(model, prompt, args.tokens)
             rows.append((name, time.perf_counter() - start, out))
@@ -81,14 +81,16 @@ def main() -> None:
     c = model.config
     print(f"model: {c.n_layer} layers x {c.n_embed}, {c.n_head} heads, context {c.context}, vocab {c.vocab_size}, "
           f"{model.num_params() / 1e6:.1f}M params; prompt {args.prompt} tokens, {args.tokens} new tokens, greedy")
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'method':<30} {'seconds':>8} {'tokens/s':>9}")
     for name, seconds, _ in rows:
         print(f"{name:<30} {seconds:>8.2f} {args.tokens / seconds:>9.1f}")
     # Up to the point where the cache first slides, all see the same tokens and must agree.
     same = args.tokens if args.prompt + args.tokens <= c.context else c.context - args.prompt + 1
     for name, seconds, out in rows[1:]:
-        print(f"speedup over {name}: {seconds / rows[0][1]:.1f}x (first {same} tokens identical: {out[:same] == rows[0][2][:same]})")
+        identical = out[:same] == rows[0][2][:same]
+        print(f"speedup over {name}: {seconds / rows[0][1]:.1f}x (first {same} tokens identical: {identical})")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from microgpt_cli import tokenizer as tok_lib
+from microgpt_cli.dataprep import sample_path
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+CORPUS = sample_path("tinyshakespeare")  # packaged with microgpt
 CHUNK = 1 << 20
 
 CHILD = """
@@ -100,7 +101,8 @@ def main() -> None:
     for column in ("raw (before, after)", "prepare", "ratio", "tokens", "RSS at start", "peak RSS"):
         table.add_column(column, justify="right")
     table.add_row(
-        f"{raw:.1f} MB/s ({before:.1f}, {after:.1f})" if raw else "-", f"{speed:.1f} MB/s", f"{speed / raw:.0%}" if raw else "-",
+        f"{raw:.1f} MB/s ({before:.1f}, {after:.1f})" if raw else "-", f"{speed:.1f} MB/s",
+        f"{speed / raw:.0%}" if raw else "-",
         f"{run['tokens']:,}", f"{run['baseline_mb']:,.0f} MB", f"{run['peak_mb']:,.0f} MB",
     )
     Console().print(table)

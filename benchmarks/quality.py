@@ -21,7 +21,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from microgpt_cli.dataprep import sample_path
+
+CORPUS = sample_path("tinyshakespeare")  # packaged with microgpt
 REFERENCE = ["--n-layer", "4", "--n-head", "4", "--n-embed", "128", "--context", "64", "--batch-size", "12",
              "--dropout", "0", "--max-steps", "2000", "--lr", "1e-3", "--warmup-steps", "100", "--beta2", "0.99",
              "--activation", "gelu", "--eval-interval", "500"]
@@ -60,11 +62,11 @@ def main() -> None:
 
 
 def _tokens_per_step(run: Path) -> int:
-    import torch
+    from microgpt_cli import checkpoint
 
-    state = torch.load(run / "last.pt", weights_only=True)
-    t = state["train_config"]
-    return t["batch_size"] * t["grad_accum"] * state["model_config"]["context"]
+    state = checkpoint.load(run / "last.pt")
+    t = state.train_config
+    return t["batch_size"] * t["grad_accum"] * state.model_config.context
 
 
 if __name__ == "__main__":

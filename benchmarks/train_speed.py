@@ -22,11 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from microgpt_cli.config import ModelConfig, TrainConfig, resolve
+from microgpt_cli.dataprep import prepare, sample_path
+from microgpt_cli.events import Logged
 from microgpt_cli.model import GPT
 from microgpt_cli.training import train
-from microgpt_cli.dataprep import prepare
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+CORPUS = sample_path("tinyshakespeare")  # packaged with microgpt
 # The reference CPU recipe for character-level tinyshakespeare: 4 layers, 4 heads, 128 wide,
 # context 64, batch 12, dropout 0.
 REFERENCE = dict(n_layer=4, n_head=4, n_embed=128, context=64, dropout=0.0, batch_size=12)
@@ -96,13 +97,14 @@ def plain_tokens_per_sec(tokens: torch.Tensor, cfg: dict, vocab: int, steps: int
     return steps * b * t / (time.perf_counter() - start)
 
 
-def microgpt_tokens_per_sec(data: Path, out: Path, overrides: dict, steps: int, preset: str | None) -> tuple[float, GPT, int]:
+def microgpt_tokens_per_sec(data: Path, out: Path, overrides: dict, steps: int,
+                            preset: str | None) -> tuple[float, GPT, int]:
     """Median tokens/s of microgpt's own loop (after warm-up), the model and its tokens per step."""
     model_kwargs, train_kwargs = resolve(preset, {**overrides, "max_steps": steps + 10, "eval_interval": 10**9,
                                                   "eval_tokens": 1000, "log_interval": 10, "warmup_steps": 0})
     rates: list[float] = []
     train(ModelConfig(**model_kwargs), TrainConfig(data=str(data), out=str(out), **train_kwargs), force=True,
-          on_event=lambda kind, info: rates.append(info["tokens_per_sec"]) if kind == "log" else None)
+          on_event=lambda event: rates.append(event.metrics.tokens_per_sec) if isinstance(event, Logged) else None)
     model = GPT(ModelConfig(**{**model_kwargs, "vocab_size": 65}))
     return float(np.median(rates[1:])), model, train_kwargs["batch_size"] * model.config.context
 
@@ -124,7 +126,8 @@ def main() -> None:
         for label, overrides, preset in runs:
             rate, plain = 0.0, 0.0
             for _ in range(args.repeats):  # interleaved, so a noisy moment hits both alike
-                measured, model, tokens_per_step = microgpt_tokens_per_sec(data, Path(tmp) / "run", overrides, args.steps, preset)
+                measured, model, tokens_per_step = microgpt_tokens_per_sec(
+                    data, Path(tmp) / "run", overrides, args.steps, preset)
                 rate = max(rate, measured)
                 if preset is None:
                     plain = max(plain, plain_tokens_per_sec(tokens, REFERENCE, vocab, args.steps))

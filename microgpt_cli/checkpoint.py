@@ -144,7 +144,8 @@ class Checkpoint:
             raise MicroGPTError(f"{path} is not a microgpt checkpoint (missing model, config or tokenizer)")
         if state["version"] != FORMAT_VERSION:
             raise MicroGPTError(
-                f"{path} has checkpoint format version {state['version']}; this microgpt reads version {FORMAT_VERSION}")
+                f"{path} has checkpoint format version {state['version']}; "
+                f"this microgpt reads version {FORMAT_VERSION}")
         try:
             model_config = ModelConfig(**state["model_config"])
             training = None
@@ -211,7 +212,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
             f"that weights_only loading refuses"
         ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise MicroGPTError(f"{path} is not a readable checkpoint (truncated or corrupted?): {exc}".splitlines()[0]) from exc
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MicroGPTError(f"{path} is not a readable checkpoint (truncated or corrupted?): {first_line}") from exc
     return Checkpoint.from_dict(state, path)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,7 +17,16 @@ from rich.markup import escape
 
 from microgpt_cli import __version__
 from microgpt_cli.config import (
-    Activation, InvalidSetting, ModelConfig, Norm, OptimizerName, Position, SamplingSettings, TrainConfig, setting_fields,
+    EVAL_BATCH_SIZE,
+    Activation,
+    InvalidSetting,
+    ModelConfig,
+    Norm,
+    OptimizerName,
+    Position,
+    SamplingSettings,
+    TrainConfig,
+    setting_fields,
 )
 from microgpt_cli.errors import Interrupted, MicroGPTError, describe_os_error
 from microgpt_cli.progress import stderr
@@ -160,7 +168,11 @@ def _sampling_default(name: str) -> Any:
 # --- prepare ---------------------------------------------------------------------------------
 
 from microgpt_cli.dataprep import (  # noqa: E402  (after the Typer patch above; imports no torch)
-    DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, ErrorMode, SampleName,
+    DEFAULT_BPE_VOCAB_SIZE,
+    DEFAULT_TOKENIZER,
+    DEFAULT_VAL_FRACTION,
+    ErrorMode,
+    SampleName,
 )
 
 
@@ -184,7 +196,8 @@ def prepare(
         help="Fraction at the end of every input (cut at a line start) that goes to the validation split."
     )] = DEFAULT_VAL_FRACTION,
     force: Annotated[bool, typer.Option(
-        "--force", help="Replace --out if it exists; the old dir is deleted only once the new one is in place.")] = False,
+        "--force", help="Replace --out if it exists; the old dir is deleted only once the new one is in place."
+    )] = False,
     errors: Annotated[ErrorMode, typer.Option(
         help="Invalid UTF-8: strict stops with the file and byte offset, replace substitutes U+FFFD.")] = "strict",
 ) -> None:
@@ -322,7 +335,8 @@ def eval_command(
                                      show_default=setting_fields(TrainConfig)["data"].default)
     ] = None,
     text: Annotated[
-        Optional[Path], typer.Option(help="Score this UTF-8 text file instead, tokenized with the checkpoint's tokenizer.")
+        Optional[Path],
+        typer.Option(help="Score this UTF-8 text file instead, tokenized with the checkpoint's tokenizer."),
     ] = None,
     skip_unknown: Annotated[bool, typer.Option(
         "--skip-unknown", help="With --text: leave out characters the checkpoint's char vocabulary lacks (they are "
@@ -330,7 +344,8 @@ def eval_command(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object: loss, perplexity, bits_per_byte, tokens, seconds.")
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Context windows scored at once (memory vs. speed).")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(help="Context windows scored at once (memory vs. speed).")] = EVAL_BATCH_SIZE,
     device: DeviceOpt = "auto",
     config: ConfigOpt = None,
 ) -> None:
@@ -339,7 +354,7 @@ def eval_command(
         data = None
     else:
         text = None
-    data = data or Path(setting_fields(TrainConfig)["data"].default)
+    data = data or Path(_default(TrainConfig, "data"))
     import json
 
     from rich.console import Console
@@ -463,7 +478,7 @@ def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
                  for split, c in facts["splits"].items()]
         rows += [("input", f"{i['path']} ({i.get('bytes', 0):,} bytes, sha256 {str(i.get('sha256'))[:12]})")
                  for i in facts["inputs"]]
-        return rows + [("prepared", facts["file"]["modified"])]
+        return [*rows, ("prepared", facts["file"]["modified"])]
     m, t = facts["model"], facts["training"]
     shape = f"{m['n_layer']} layers x {m['n_embed']} wide, {m['n_head']} heads, context {m['context']}"
     options = f"{m['position']} positions, {m['norm']}, {m['activation']}" + (", qk-norm" if m["qk_norm"] else "")
@@ -499,7 +514,8 @@ from microgpt_cli.plot import X_AXES, XAxis  # noqa: E402  (no matplotlib import
 
 @app.command()
 def plot(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run dirs (from train) to draw on one chart.", show_default=False)],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run dirs (from train) to draw on one chart.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("runs.png"),
     x: Annotated[XAxis, typer.Option(
         "--x", help=f"Horizontal axis: {', '.join(f'{k} ({v})' for k, v in X_AXES.items())}.")] = "step",
@@ -511,7 +527,7 @@ def plot(
     stderr.print(f"wrote {escape(str(path))}", highlight=False)
 
 
-from microgpt_cli.export import FORMATS, ExportFormat  # noqa: E402
+from microgpt_cli.export import ExportFormat  # noqa: E402
 
 
 @app.command()
@@ -520,7 +536,7 @@ def export(
     checkpoint: CheckpointOpt = Path("out"),
     format: Annotated[ExportFormat, typer.Option(
         "--format", "-f", help="hf: a transformers GPT-2 model dir (GPT2LMHeadModel.from_pretrained); "
-        "safetensors: the plain weights and config.json.")] = FORMATS[0],
+        "safetensors: the plain weights and config.json.")] = "hf",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is not empty.")] = False,
 ) -> None:
     """Export a checkpoint for other tools: Hugging Face transformers GPT-2, or plain safetensors."""

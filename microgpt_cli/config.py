@@ -73,8 +73,8 @@ def _validate(obj: object) -> None:
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                      f"{f.name} must be a finite number, got {value!r}", f.name)
         elif hint is int:
-            _require(isinstance(value, int) and not isinstance(value, bool), f"{f.name} must be an integer, got {value!r}",
-                     f.name)
+            _require(isinstance(value, int) and not isinstance(value, bool),
+                     f"{f.name} must be an integer, got {value!r}", f.name)
         elif hint is bool:
             _require(isinstance(value, bool), f"{f.name} must be true or false, got {value!r}", f.name)
 
@@ -168,6 +168,7 @@ class TrainConfig:
                  f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}", "device")
 
 
+EVAL_BATCH_SIZE = 8  # context windows scored at once by `microgpt eval`
 MAX_LENGTH = 10**9  # tokens per sample: far beyond any use, well inside every integer type involved
 
 

@@ -26,8 +26,6 @@ from microgpt_cli.dataset import META_FILE, META_VERSION, SPLITS
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.files import atomic_dir, write_synced
 
-
-
 # --- prepare ---------------------------------------------------------------------------------
 
 CHUNK_BYTES = 1 << 20  # per tokenizer call: large enough to amortize the call, small enough to stream
@@ -128,7 +126,8 @@ def prepare(
     return meta
 
 
-def _check_options(out: Path, tokenizer: str, vocab_size: int | None, val_fraction: float, force: bool, errors: str) -> None:
+def _check_options(out: Path, tokenizer: str, vocab_size: int | None, val_fraction: float, force: bool,
+                   errors: str) -> None:
     cwd = Path.cwd().resolve()
     if out.name in ("", "..") or (out.exists() and (out.resolve() == cwd or out.resolve() in cwd.parents)):
         raise MicroGPTError(f"--out {out} is the current dir or above it; name a data dir such as --out data")
@@ -178,8 +177,8 @@ def _resolve_inputs(inputs: Sequence[str | Path], out: Path, sample: str | None)
     if sample is not None:
         files.append((f"sample:{sample}", sample_path(sample)))
     seen: dict[object, str] = {}
-    for name, path in files:
-        key = STDIN if path is None else path.resolve()
+    for name, file in files:
+        key = STDIN if file is None else file.resolve()
         if key in seen:
             raise MicroGPTError(f"input {name} is given twice (also as {seen[key]}); each input is read once")
         seen[key] = name
@@ -373,7 +372,7 @@ def _write_splits(tok: tok_lib.Tokenizer, sources: list[_Source], tmp: Path, dty
         def write_oldest() -> None:
             split, ids = in_flight.popleft()
             array = ids.result()
-            files[split].write(array.astype(np.dtype(dtype).newbyteorder("<")))
+            files[split].write(array.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
             splits[split]["tokens"] += len(array)
 
         for split, text, nbytes in texts:

@@ -25,10 +25,6 @@ def _corrupt(data_dir: Path, problem: str) -> MicroGPTError:
     return MicroGPTError(f"data dir {data_dir} is corrupted: {problem}; run `microgpt prepare` again")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
     """meta.json of a prepared data dir, after checking that it is complete and that meta.json
     agrees with the token files (types, dtype, vocabulary size, token counts)."""
@@ -52,7 +48,7 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     dtype, vocab_size = meta.get("dtype"), meta.get("vocab_size")
     if dtype not in DTYPES:
         raise _corrupt(data_dir, f"{META_FILE} has dtype {dtype!r}, not one of {', '.join(DTYPES)}")
-    if not _is_int(vocab_size) or not 1 <= vocab_size <= DTYPES[dtype]:
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 1 <= vocab_size <= DTYPES[dtype]:
         raise _corrupt(data_dir, f"{META_FILE} has vocab_size {vocab_size!r}, not a count that {dtype} ids can hold")
     splits = meta.get("splits")
     if not isinstance(splits, dict) or any(not isinstance(splits.get(s), dict) for s in SPLITS):
@@ -72,8 +68,8 @@ def data_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """The tokenizer that made a data dir, checked against the vocabulary size meta.json records."""
     tokenizer = from_spec(meta["tokenizer"])
     if tokenizer.vocab_size != meta["vocab_size"]:
-        raise MicroGPTError(f"the data's meta.json says vocab_size {meta['vocab_size']} but its tokenizer "
-                            f"has {tokenizer.vocab_size} tokens: the data dir is corrupted; run `microgpt prepare` again")
+        raise MicroGPTError(f"the data's meta.json says vocab_size {meta['vocab_size']} but its tokenizer has "
+                            f"{tokenizer.vocab_size} tokens: the data dir is corrupted; run `microgpt prepare` again")
     return tokenizer
 
 

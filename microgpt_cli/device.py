@@ -21,7 +21,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if not available[base]:
         raise MicroGPTError(f"--device {name} is not available on this machine; use --device cpu or auto")
     if index and int(index) >= torch.cuda.device_count():
-        raise MicroGPTError(f"--device {name} is not available: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        count = torch.cuda.device_count()
+        raise MicroGPTError(f"--device {name} is not available: this machine has {count} CUDA device(s)")
     return torch.device(name)
 
 

@@ -15,14 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from microgpt_cli import dataset
-from microgpt_cli.checkpoint import load_checkpoint, unwrap
+from microgpt_cli.checkpoint import load_checkpoint
+from microgpt_cli.config import EVAL_BATCH_SIZE
 from microgpt_cli.device import resolve_device
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer
-
-
-DEFAULT_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ def split_loss(
     time.perf_counter value) no further batch is started: the sums then cover a prefix."""
     was_training = model.training
     model.eval()
-    context = unwrap(model).config.context
+    context = model.config.context
     n = len(tokens) if max_tokens <= 0 else min(len(tokens), max_tokens + 1)
     targets = max(n - 1, 0)
     rank, world = shard
@@ -70,7 +68,8 @@ def split_loss(
         rows = tokens[first[:, None] + np.arange(t + 1)].astype(np.int64)  # (B, t + 1)
         chunk = torch.from_numpy(rows).to(device)
         logits = model(chunk[:, :-1])
-        sums.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), chunk[:, 1:].reshape(-1), reduction="sum"))
+        flat = logits.reshape(-1, logits.size(-1)).float()
+        sums.append(F.cross_entropy(flat, chunk[:, 1:].reshape(-1), reduction="sum"))
         count += rows.shape[0] * t
         if token_bytes is not None:
             nbytes += int(token_bytes[rows[:, 1:]].sum())
@@ -87,7 +86,7 @@ def evaluate(
     checkpoint: str | Path = "out",
     data_dir: str | Path = "data",
     text: str | Path | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = EVAL_BATCH_SIZE,
     device: str = "auto",
     on_progress: Callable[[int, int], None] | None = None,
     skip_unknown: bool = False,
@@ -107,6 +106,7 @@ def evaluate(
         tokens = tokenizer.encode_array(source)
     else:
         meta = dataset.read_meta(data_dir)
+        dataset.data_tokenizer(meta)  # meta.json's vocabulary size agrees with its tokenizer
         model, tokenizer = load_checkpoint(checkpoint, resolved)
         check_same_tokenizer(meta, tokenizer, Path(data_dir))
         tokens = dataset.open_split(data_dir, "val", meta)

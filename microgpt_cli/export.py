@@ -57,7 +57,8 @@ def export(checkpoint_path: str | Path, out: str | Path, format: str = "hf", for
         raise MicroGPTError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
-        raise MicroGPTError(f"{out} already exists and is not empty; pass --force to replace it or choose another --out")
+        raise MicroGPTError(
+            f"{out} already exists and is not empty; pass --force to replace it or choose another --out")
     state = checkpoint.load(checkpoint_path)
     if format == "hf":
         check_gpt2_compatible(state.model_config)

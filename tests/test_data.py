@@ -323,5 +323,7 @@ def test_ctrl_c_or_kill_leaves_the_old_dir_and_no_temp_dir(shakespeare: Path, tm
         runs = dict(zip(signals, pool.map(interrupt_midway, [tmp_path / n for n in signals], signals.values())))
     for name, run in runs.items():
         assert run.returncode == 130 and b"Traceback" not in run.stderr, (name, run.stderr)
+        last = run.stderr.decode().strip().splitlines()[-1]
+        assert last == "stopped: prepare was interrupted; nothing was written: data is as it was", (name, last)
         assert [p.name for p in (tmp_path / name / "data").iterdir()] == ["keep.txt"], name
         assert leftovers(tmp_path / name) == [], name

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -10,12 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+from rich.console import Console
+
 from conftest import TINY_TEXT, tiny_model, write_data_dir
+from microgpt_cli import checkpoint
 from microgpt_cli.checkpoint import load_checkpoint
+from microgpt_cli.cli import main
 from microgpt_cli.dataset import open_split, read_meta
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.evaluation import evaluate, split_loss
-from microgpt_cli.tokenizer import Tokenizer, train_char
+from microgpt_cli.evaluation import EvalResult, evaluate, split_loss
+from microgpt_cli.progress import eval_table
+from microgpt_cli.tokenizer import Tokenizer, named, train_bpe, train_char
 
 
 def hand_nll(model: torch.nn.Module, tokens: list[int], context: int) -> list[float]:
@@ -96,3 +104,80 @@ def test_bad_text_files_are_clear_errors(text: str, message: str, make_checkpoin
     (tmp_path / "short.txt").write_text("H", encoding="utf-8")
     with pytest.raises(MicroGPTError, match=message):
         evaluate(make_checkpoint(), text=tmp_path / text, device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_bits_per_byte_with_multi_byte_tokens(kind: str, tmp_path: Path) -> None:
+    """Bits per byte is comparable across tokenizers only if it divides by the bytes of the text the
+    tokens stand for, not by their count: here each token holds several bytes."""
+    tokenizer = named("gpt2") if kind == "gpt2" else train_bpe([TINY_TEXT], 400)  # runs out of merges at 361
+    data = write_data_dir(tmp_path / "data", tokenizer, TINY_TEXT, TINY_TEXT)
+    model = tiny_model(tokenizer.vocab_size)
+    checkpoint.save(tmp_path / "m.pt", checkpoint.Checkpoint.of(model, tokenizer))
+    val = tokenizer.encode(TINY_TEXT)
+    first = tokenizer.decode(val[:1])
+    assert first.isascii() and TINY_TEXT.startswith(first)  # so the predicted text is the rest, byte for byte
+    predicted_bytes = len(TINY_TEXT.encode("utf-8")) - len(first)
+    assert predicted_bytes > 2 * (len(val) - 1)
+    nll = hand_nll(model, val, model.config.context)
+
+    result = evaluate(tmp_path / "m.pt", data, device="cpu")
+    assert result.tokens == len(val) - 1 == len(nll)
+    assert result.loss == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(sum(nll) / math.log(2) / predicted_bytes, rel=1e-5)
+
+
+# --- the table `microgpt eval` prints ----------------------------------------------------------
+
+ROWS = {"loss (nats/token)": "loss", "perplexity": "perplexity", "bits per byte": "bits_per_byte",
+        "tokens": "tokens", "seconds": "seconds", "characters skipped": "skipped"}
+
+
+def table_rows(text: str) -> dict[str, str]:
+    """{metric: value} from a rendered eval table (the rows between its box-drawing borders)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in re.split(r"[│┃|]", line)[1:-1]]
+        if len(cells) == 2 and cells[0] in ROWS:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def render(result: EvalResult) -> str:
+    console = Console(record=True, width=120, file=io.StringIO())  # recorded, not shown
+    console.print(eval_table(result, "model.pt on data/val.bin"))
+    return console.export_text()
+
+
+@pytest.mark.parametrize("skipped", [None, 0, 4321])
+def test_eval_table_shows_every_field_in_its_own_row(skipped: int | None) -> None:
+    # Values far apart, so that a row showing another field's value cannot pass.
+    result = EvalResult(loss=1.2345, perplexity=3.437, bits_per_byte=0.5678, tokens=98765, seconds=12.5,
+                        skipped=skipped)
+    text = render(result)
+    assert "model.pt on data/val.bin" in text
+    rows = table_rows(text)
+    expected = {name: field for name, field in ROWS.items() if getattr(result, field) is not None}
+    assert set(rows) == set(expected)
+    for name, field in expected.items():
+        assert float(rows[name].replace(",", "")) == pytest.approx(getattr(result, field), abs=5e-4), name
+
+
+def test_eval_command_table_agrees_with_its_json(make_checkpoint: Callable[..., Path], data_dir: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The real CLI in this process (no interpreter start-up): the printed table and --json, one result."""
+    path = make_checkpoint()
+
+    def run(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "-c", str(path), "--data", str(data_dir), "--device", "cpu", *args])
+        out, err = capsys.readouterr()
+        assert exit_info.value.code == 0, err
+        return out
+
+    numbers = json.loads(run("--json"))
+    rows = table_rows(run())
+    assert set(rows) == set(ROWS) - {"characters skipped"}
+    for name, field in ROWS.items():
+        if field not in ("seconds", "skipped"):  # seconds differ from run to run
+            assert float(rows[name].replace(",", "")) == pytest.approx(numbers[field], abs=5e-4), name

