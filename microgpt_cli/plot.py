@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.events import METRICS_FILE
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # matplotlib takes ~0.5 s to import: only when a figure is dr
 
 LOSS_PLOT = "loss.png"
 XAxis = Literal["step", "tokens", "time"]
-X_AXES = dict(zip(get_args(XAxis), ("optimizer steps", "tokens seen", "seconds")))
+X_AXES = dict(zip(get_args(XAxis), ("optimizer steps", "tokens seen", "seconds"), strict=True))
 
 
 @dataclass
@@ -121,7 +121,13 @@ def loss_figure(run_dir: str | Path) -> Figure:
     if per_step:
         from matplotlib.ticker import EngFormatter
 
-        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+        def to_tokens(steps: Any) -> Any:  # tick positions: a float or a numpy array
+            return steps * per_step
+
+        def to_steps(tokens: Any) -> Any:
+            return tokens / per_step
+
+        top = ax.secondary_xaxis("top", functions=(to_tokens, to_steps))
         top.set_xlabel("tokens seen")
         top.xaxis.set_major_formatter(EngFormatter())  # 2M rather than an offset "1e6" that collides with the title
     return fig
@@ -152,7 +158,7 @@ def runs_figure(run_dirs: Sequence[str | Path], x_axis: str = "step") -> Figure:
         names = [str(p) for p in paths]
     fig = _figure(figsize=(8, 4.5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    for i, (path, name) in enumerate(zip(paths, names)):
+    for i, (path, name) in enumerate(zip(paths, names, strict=True)):
         curves = read_curves(path, name)
         if not curves.steps:
             raise MicroGPTError(f"{path / METRICS_FILE} holds no metrics yet")

@@ -263,8 +263,9 @@ class TrainDisplay:
         elif self._budget():
             eta = f" eta {format_seconds(max(0.0, self._budget() - self._elapsed))}"
         status = self._status()
+        where = self._where() if self._budget() else f"{self._where()} steps"
         self.console.print(
-            f"[{format_seconds(self._elapsed)}] train: {100 * done / max(total, 1e-9):.0f}% {self._where()} steps"
+            f"[{format_seconds(self._elapsed)}] train: {100 * done / max(total, 1e-9):.0f}% {where}"
             f"{eta}{' ' + pace if pace else ''}{'  ' + status if status else ''}", highlight=False, soft_wrap=True)
 
     def summary(self, summary: RunEnded) -> None:

@@ -6,16 +6,14 @@ import io
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-
 from rich.console import Console
 
-from conftest import TINY_TEXT, tiny_model, write_data_dir
 from microgpt_cli import checkpoint
 from microgpt_cli.checkpoint import load_checkpoint
 from microgpt_cli.cli import main
@@ -24,6 +22,8 @@ from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.evaluation import EvalResult, evaluate, split_loss
 from microgpt_cli.progress import eval_table
 from microgpt_cli.tokenizer import Tokenizer, named, train_bpe, train_char
+
+from conftest import TINY_TEXT, tiny_model, write_data_dir
 
 
 def hand_nll(model: torch.nn.Module, tokens: list[int], context: int) -> list[float]:
@@ -68,7 +68,7 @@ def test_split_loss_prefix_and_batching_agree(char_tokenizer: Tokenizer) -> None
     shards = [split_loss(model, tokens, 2, "cpu", token_bytes=widths, shard=(rank, 3)) for rank in range(3)]
     assert sum(c for _, c, _ in shards) == count and sum(b for _, _, b in shards) == nbytes
     assert sum(t for t, _, _ in shards) == pytest.approx(total, rel=1e-6)
-    seen = []
+    seen: list[int] = []
     total, count, nbytes = split_loss(model, tokens, 2, "cpu", max_tokens=40, on_progress=seen.append)
     assert count == 40 and nbytes == 0 and total == pytest.approx(sum(nll[:40]), rel=1e-5)
     assert seen == [32, 40]  # two full windows of 16, then the 8-token tail
@@ -79,7 +79,8 @@ def test_text_file_scores_like_a_data_dir(make_checkpoint: Callable[..., Path], 
     text = tmp_path / "val.txt"
     text.write_text(TINY_TEXT[:90], encoding="utf-8")
     from_dir, from_text = evaluate(path, data_dir, device="cpu"), evaluate(path, text=text, device="cpu")
-    assert (from_text.loss, from_text.tokens, from_text.bits_per_byte) == (from_dir.loss, from_dir.tokens, from_dir.bits_per_byte)
+    assert (from_text.loss, from_text.tokens, from_text.bits_per_byte) == (
+        from_dir.loss, from_dir.tokens, from_dir.bits_per_byte)
 
 
 def test_evaluation_is_deterministic_and_leaves_training_mode_alone(char_tokenizer: Tokenizer) -> None:
@@ -91,7 +92,7 @@ def test_evaluation_is_deterministic_and_leaves_training_mode_alone(char_tokeniz
 
 def test_refuses_data_from_another_tokenizer(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
     other = write_data_dir(tmp_path / "other", train_char([TINY_TEXT + "€"]), TINY_TEXT, TINY_TEXT)
-    with pytest.raises(MicroGPTError, match="prepared with tokenizer char .* different char vocabulary"):
+    with pytest.raises(MicroGPTError, match=r"prepared with tokenizer char .* different char vocabulary"):
         evaluate(make_checkpoint(), other, device="cpu")
 
 
@@ -99,7 +100,8 @@ def test_refuses_data_from_another_tokenizer(make_checkpoint: Callable[..., Path
     "text, message",
     [("missing.txt", "does not exist"), ("latin1.txt", "not UTF-8"), ("short.txt", "fewer than 2 tokens")],
 )
-def test_bad_text_files_are_clear_errors(text: str, message: str, make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+def test_bad_text_files_are_clear_errors(text: str, message: str, make_checkpoint: Callable[..., Path],
+                                         tmp_path: Path) -> None:
     (tmp_path / "latin1.txt").write_bytes("Grüße".encode("latin-1"))
     (tmp_path / "short.txt").write_text("H", encoding="utf-8")
     with pytest.raises(MicroGPTError, match=message):

@@ -38,7 +38,8 @@ def far_from_init(path: Path, spec: dict[str, Any], **overrides: Any) -> GPT:
 
 
 def sample_ids(model: GPT) -> torch.Tensor:
-    return torch.randint(0, model.config.vocab_size, (2, model.config.context), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, model.config.vocab_size, (2, model.config.context), generator=generator)
 
 
 def test_cpu_preset_shape_is_what_these_tests_claim() -> None:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from microgpt_cli.config import InvalidSetting, ModelConfig, resolve
-from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT, apply_rotary, rotary_tables
 
 Weights = dict[str, torch.Tensor]
@@ -23,7 +22,8 @@ OPTIONS = [
     {"qk_norm": True},
     {"tie_weights": False},
     {"bias": False},
-    {"position": "rope", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True, "tie_weights": False, "bias": False},
+    {"position": "rope", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True, "tie_weights": False,
+     "bias": False},
 ]
 
 
@@ -135,7 +135,8 @@ def reference_logits(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
         # Dimension i pairs with i + hs/2 as one complex number, turned by angle pos * 10000^(-2i/hs).
         half = hs // 2
         freqs = 10000.0 ** (-2 * torch.arange(half, dtype=torch.float64) / hs)
-        turn = torch.polar(torch.ones(T, half, dtype=torch.float64), torch.arange(T, dtype=torch.float64)[:, None] * freqs)
+        angles = torch.arange(T, dtype=torch.float64)[:, None] * freqs
+        turn = torch.polar(torch.ones_like(angles), angles)
         z = torch.complex(x[..., :half], x[..., half:]) * turn
         return torch.cat((z.real, z.imag), dim=-1)
 
@@ -146,7 +147,8 @@ def reference_logits(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
     for i in range(c.n_layer):
         p = f"blocks.{i}."
-        q, k, v = (t.reshape(B, T, nh, hs).transpose(1, 2) for t in linear(norm(x, p + "norm1"), p + "attn.qkv").split(c.n_embed, -1))
+        qkv = linear(norm(x, p + "norm1"), p + "attn.qkv")
+        q, k, v = (t.reshape(B, T, nh, hs).transpose(1, 2) for t in qkv.split(c.n_embed, -1))
         if c.qk_norm:  # eps: torch's default for F.rms_norm, float32's machine epsilon
             q, k = (t / torch.sqrt((t * t).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps) for t in (q, k))
         if c.position == "rope":
@@ -159,7 +161,7 @@ def reference_logits(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
     return norm(x, "norm") @ head.T
 
 
-def perturbed(**overrides) -> GPT:
+def perturbed(**overrides: object) -> GPT:
     """A model whose weights (biases and norm gains included) are far from their init, so that every
     option changes the logits by far more than the tolerance."""
     gpt = model(**overrides).eval()
@@ -173,12 +175,14 @@ def perturbed(**overrides) -> GPT:
 REFERENCE_OPTIONS = [
     {}, {"activation": "relu2"}, {"activation": "gelu"}, {"qk_norm": True}, {"norm": "rmsnorm"},
     {"position": "rope"}, {"tie_weights": False}, {"bias": False},
-    {"position": "rope", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True, "tie_weights": False, "bias": False},
+    {"position": "rope", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True, "tie_weights": False,
+     "bias": False},
     {"position": "rope", "qk_norm": True, "activation": "gelu", "bias": False},
 ]
 
 
-@pytest.mark.parametrize("options", REFERENCE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("options", REFERENCE_OPTIONS,
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_logits_match_a_hand_written_forward_pass(options: dict) -> None:
     gpt = perturbed(**options)
     idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(2))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from matplotlib.axes import Axes
 from matplotlib.colors import to_rgba
@@ -52,7 +53,8 @@ def expected_series(records: list[dict[str, Any]], axis: str) -> tuple[Series, S
 
 
 def series(line: Line2D) -> Series:
-    return tuple(map(float, line.get_xdata())), tuple(map(float, line.get_ydata()))
+    xs, ys = (np.asarray(data, dtype=float).tolist() for data in (line.get_xdata(), line.get_ydata()))
+    return tuple(xs), tuple(ys)
 
 
 def line_of(ax: Axes, wanted: Series) -> Line2D:

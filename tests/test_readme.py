@@ -7,7 +7,8 @@ What runs, and how:
   Blocks without a language (the diagram) are text; any other language fails `test_blocks_are_all_handled`.
 - Commands run the venv's own `microgpt`, `python` and `torchrun` (this interpreter's bin dir first on PATH),
   with HOME in a temp dir (`microgpt --install-completion` writes rc files there, never in the real HOME)
-  and no MICROGPT_* variables from the caller's environment. Exit status 0 is required of every command.
+  no MICROGPT_* variables from the caller's environment, and one torch thread each (OMP_NUM_THREADS=1).
+  Exit status 0 is required of every command.
 - REWRITES (below) is the complete list of changes made to commands before they run: the `pip install`
   prefix goes (the project is installed; CI runs the README's install + test command itself, see
   `test_ci_runs_the_readmes_test_command`) and training shrinks to a seconds-long tiny model.
@@ -15,7 +16,7 @@ What runs, and how:
   workspace, as a reader would type them. Every other block runs alone in a fresh workspace holding the
   text files examples name (input.txt, book.txt, notes/, start.txt, other.txt: slices of the packaged
   tinyshakespeare) plus, unless the block makes them itself, a char-tokenized `data/` and a tiny trained
-  `out/` (both built once by the real CLI).
+  `out/` (both built once by the real CLI). Groups run concurrently, one per CPU core (up to WORKERS).
 - A marker on the line just before a fence changes what happens to that block:
   `<!-- readme-test: parse-only (REASON) -->`: each command runs with `--help` appended, which checks its
   option names without running it (`torchrun` options go through torchrun's own argument parser, the
@@ -28,17 +29,17 @@ What runs, and how:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import NoReturn
 
 import pytest
 
@@ -70,6 +71,7 @@ MARKER = re.compile(r"<!--\s*readme-test:\s*(?P<kind>[\w-]+)\s*(?P<reason>.*?)\s
 MARKER_KINDS = ("parse-only", "skip", "expect-error")
 SHELL_LANGUAGES, TEXT_LANGUAGES = ("bash", "sh", "shell"), ("", "text")
 COMMAND_TIMEOUT = 300  # seconds; a hung command (say a torchrun rendezvous) fails instead of stalling CI
+WORKERS = max(1, min(4, os.cpu_count() or 1))  # blocks run concurrently: one-thread processes, one per core
 CORPUS_CHARS = 150_000  # of tinyshakespeare: prepare with any tokenizer (bpe training included) stays quick
 
 
@@ -152,7 +154,7 @@ def _split_chain(line: str) -> list[str]:
     """`a && b` -> [a, b], quote-aware: each command of a chain is rewritten and reported on its own."""
     cuts = [i for i in _unquoted(line) if line.startswith("&&", i)]
     starts, ends = [0, *(i + 2 for i in cuts)], [*cuts, len(line)]
-    return [line[start:end].strip() for start, end in zip(starts, ends)]
+    return [line[start:end].strip() for start, end in zip(starts, ends, strict=True)]
 
 
 def shell_commands(code: str, first_line: int) -> list[Command]:
@@ -161,9 +163,9 @@ def shell_commands(code: str, first_line: int) -> list[Command]:
     for number, raw in enumerate(code.splitlines(), first_line):
         if not pending:
             pending_line = number
-        line = _strip_comment(raw)
-        if line.rstrip().endswith("\\"):  # continuation: the comment-free part joins the next line
-            pending += line.rstrip()[:-1] + " "
+        line = _strip_comment(raw).strip()
+        if line.endswith("\\"):  # continuation: joins the next line, one space between
+            pending += line[:-1].strip() + " "
             continue
         full, pending = (pending + line).strip(), ""
         if full:
@@ -220,6 +222,9 @@ def groups() -> list[list[Block]]:
     return result
 
 
+GROUPS = groups()
+
+
 def group_id(group: list[Block]) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", group[0].heading.lower()).strip("-")[:24].strip("-")
     return f"L{group[0].line}-{slug}"
@@ -235,8 +240,9 @@ def write_text_files(workspace: Path) -> None:
     corpus = text[: text.rindex("\n", 0, CORPUS_CHARS) + 1]
     half = corpus.index("\n", len(corpus) // 2) + 1
     (workspace / "notes").mkdir(parents=True, exist_ok=True)
+    other = corpus.index("\n", half + 10_000) + 1
     files = {"input.txt": corpus, "book.txt": corpus[:half], "notes/act-two.txt": corpus[half:],
-             "start.txt": corpus[: corpus.index("\n\n") + 2], "other.txt": corpus[corpus.index("\n", half + 10_000) + 1:]}
+             "start.txt": corpus[: corpus.index("\n\n") + 2], "other.txt": corpus[other:]}
     for name, content in files.items():
         (workspace / name).write_text(content, encoding="utf-8")
     (workspace / "benchmarks").symlink_to(ROOT / "benchmarks", target_is_directory=True)
@@ -246,6 +252,9 @@ def command_env(home: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MICROGPT_")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["HOME"] = str(home)
+    # One torch thread per process: the tiny models gain nothing from more, and on a busy 2-core machine
+    # OpenMP's waiting threads made a 1000-token sample take 11 s instead of 0.3 s. (torchrun sets it too.)
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -262,16 +271,8 @@ def failure(block: Block, command: Command, ran: str, result: subprocess.Complet
             f"--- stderr (end) ---\n{result.stderr[-4000:]}\n--- stdout (end) ---\n{result.stdout[-1500:]}")
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """One temp HOME for the module: shell rc files and tool caches (matplotlib's fonts) land there once."""
-    return command_env(tmp_path_factory.mktemp("home"))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
+def build_trained(workspace: Path, env: dict[str, str]) -> Path:
     """A workspace with `data/` (input.txt, char tokenizer) and a tiny `out/`, made by the real CLI."""
-    workspace = tmp_path_factory.mktemp("trained")
     write_text_files(workspace)
     for command in ("microgpt prepare input.txt --tokenizer char", f"microgpt train {TINY_TRAIN_FLAGS}"):
         result = run_shell(command, workspace, env)
@@ -285,16 +286,13 @@ def makes(group: list[Block], pattern: str) -> bool:
     return re.search(pattern, code) is not None
 
 
-def workspace_for(group: list[Block], root: Path, request: pytest.FixtureRequest) -> Path:
+def workspace_for(group: list[Block], root: Path, trained: Future[Path]) -> Path:
     """Text files, plus the shared data/ and out/ unless the group's own commands create them."""
     write_text_files(root)
-    needs_data = not makes(group, r"\bmicrogpt(_cli)? prepare\b|\bprepare\(")
-    needs_out = not makes(group, r"\bmicrogpt(_cli)? train\b|\btrain\(")
-    if needs_data or needs_out:
-        trained: Path = request.getfixturevalue("trained")
-        for name, needed in (("data", needs_data), ("out", needs_out)):
-            if needed:
-                shutil.copytree(trained / name, root / name)
+    needs = {"data": not makes(group, r"\bmicrogpt(_cli)? prepare\b|\bprepare\("),
+             "out": not makes(group, r"\bmicrogpt(_cli)? train\b|\btrain\(")}
+    for name in (name for name, needed in needs.items() if needed):
+        shutil.copytree(trained.result() / name, root / name)
     return root
 
 
@@ -304,7 +302,8 @@ def workspace_for(group: list[Block], root: Path, request: pytest.FixtureRequest
 def run_block(block: Block, workspace: Path, env: dict[str, str]) -> None:
     if block.language == "python":
         script = workspace / f"readme_block_L{block.line}.py"
-        script.write_text(block.code, encoding="utf-8")  # as written: REWRITES are for shell commands
+        # As written (REWRITES are for shell commands), moved down so traceback line numbers are README's.
+        script.write_text("\n" * block.line + block.code, encoding="utf-8")
         result = subprocess.run([sys.executable, str(script)], cwd=workspace, env=env, capture_output=True,
                                 text=True, encoding="utf-8", errors="replace", timeout=COMMAND_TIMEOUT)
         assert result.returncode == 0, failure(block, Command(block.line + 1, script.name), script.name, result)
@@ -324,11 +323,28 @@ def torchrun_parts(command: str) -> tuple[list[str], list[str]] | None:
     """(torchrun's own args, the args after `-m microgpt_cli`) of a torchrun command, else None."""
     words = shlex.split(command)
     launcher = 1 if words[:1] == ["torchrun"] else 3 if words[:3] == ["python", "-m", "torch.distributed.run"] else 0
-    if not launcher:
+    if not launcher or "microgpt_cli" not in words:
         return None
     module = words.index("microgpt_cli") - 1
     assert words[module] in ("-m", "--module"), command
     return words[launcher:module], words[module + 2:]
+
+
+def _raise(message: str) -> NoReturn:
+    raise ValueError(message)
+
+
+def torchrun_parse_error(args: list[str]) -> str:
+    """What torchrun's own argument parser says of `args` ("" if it accepts them), without launching."""
+    from torch.distributed.run import get_args_parser  # imported here: only parse-only torchrun lines need it
+
+    parser = get_args_parser()
+    parser.error = _raise  # type: ignore[method-assign]  # raise instead of printing and exiting
+    try:
+        parser.parse_args(args)
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def parse_check(block: Block, workspace: Path, env: dict[str, str]) -> None:
@@ -336,8 +352,6 @@ def parse_check(block: Block, workspace: Path, env: dict[str, str]) -> None:
     if block.language == "python":
         compile(block.code, f"README.md:{block.line + 1}", "exec")
         return
-    from torch.distributed.run import get_args_parser  # imported here: only parse-only torchrun lines need it
-
     for command in block.commands():
         ran = rewrite(command.text)
         if not ran:
@@ -345,26 +359,56 @@ def parse_check(block: Block, workspace: Path, env: dict[str, str]) -> None:
         parts = torchrun_parts(ran)
         if parts:
             launcher_args, microgpt_args = parts
-            stderr = io.StringIO()
-            with contextlib.redirect_stderr(stderr), contextlib.suppress(SystemExit):
-                get_args_parser().parse_args([*launcher_args, "-m", "microgpt_cli", *microgpt_args])
-            assert not stderr.getvalue(), f"{block.where}: torchrun rejects README.md:{command.line}\n{stderr.getvalue()}"
+            error = torchrun_parse_error([*launcher_args, "-m", "microgpt_cli", *microgpt_args])
+            assert not error, f"{block.where}: torchrun rejects README.md:{command.line}: {error}"
             ran = shlex.join(["python", "-m", "microgpt_cli", *microgpt_args])
         ran += " --help"
         result = run_shell(ran, workspace, env)
         assert result.returncode == 0, failure(block, command, ran, result)
 
 
-@pytest.mark.parametrize("group", groups(), ids=group_id)
-def test_readme_block(group: list[Block], tmp_path: Path, env: dict[str, str], request: pytest.FixtureRequest) -> None:
-    if all(block.marker == "skip" for block in group):
-        pytest.skip(f"{group[0].where}: {group[0].reason}")
-    workspace = workspace_for(group, tmp_path, request)
+def run_group(group: list[Block], root: Path, env: dict[str, str], trained: Future[Path]) -> None:
+    workspace = workspace_for(group, root, trained)
     for block in group:
         if block.marker == "parse-only":
             parse_check(block, workspace, env)
         elif block.marker != "skip":
             run_block(block, workspace, env)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One temp HOME for the module: shell rc files and tool caches (matplotlib's fonts) land there once."""
+    return command_env(tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+             env: dict[str, str]) -> Iterator[dict[str, Future[None]]]:
+    """The selected groups, started at once on WORKERS threads (each command is a one-thread process, so
+    two cores run two at a time), longest first; each test waits for its own group's outcome."""
+    selected = {item.name.removeprefix("test_readme_block[").removesuffix("]") for item in request.session.items
+                if item.name.startswith("test_readme_block[")}
+    chosen = [group for group in GROUPS if group_id(group) in selected and not skipped(group)]
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        trained = pool.submit(build_trained, tmp_path_factory.mktemp("trained"), env)
+        futures = {group_id(group): pool.submit(run_group, group, tmp_path_factory.mktemp(group_id(group)), env,
+                                                trained)
+                   for group in sorted(chosen, key=lambda group: -sum(len(b.commands()) for b in group))}
+        yield futures
+        for future in futures.values():
+            future.cancel()
+
+
+def skipped(group: list[Block]) -> bool:
+    return all(block.marker == "skip" for block in group)
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=group_id)
+def test_readme_block(group: list[Block], outcomes: dict[str, Future[None]]) -> None:
+    if skipped(group):
+        pytest.skip(f"{group[0].where}: {group[0].reason}")
+    outcomes[group_id(group)].result()  # the group's AssertionError, naming the block and command, if any
 
 
 def test_inline_commands(tmp_path: Path, env: dict[str, str]) -> None:
@@ -388,7 +432,8 @@ def test_inline_commands(tmp_path: Path, env: dict[str, str]) -> None:
 
 def test_ci_runs_the_readmes_test_command() -> None:
     ci_lines = [line.strip() for line in CI_RUN.read_text(encoding="utf-8").splitlines()]
-    assert readme_test_command() in ci_lines, f".ci/run does not run the README's test command {readme_test_command()!r}"
+    command = readme_test_command()
+    assert command in ci_lines, f".ci/run does not run the README's test command {command!r}"
 
 
 def test_markers_are_known_placed_and_give_reasons() -> None:
@@ -405,9 +450,9 @@ def test_markers_are_known_placed_and_give_reasons() -> None:
 
 def test_only_the_test_command_is_skipped() -> None:
     """Skipping is for what truly cannot run: only the README's test command (CI runs it via .ci/run)."""
-    skipped = [block for block in CODE_BLOCKS if block.marker == "skip"]
-    assert len(skipped) <= 1, [block.where for block in skipped]
-    for block in skipped:
+    skips = [block for block in CODE_BLOCKS if block.marker == "skip"]
+    assert len(skips) <= 1, [block.where for block in skips]
+    for block in skips:
         commands = " && ".join(command.text for command in block.commands())
         assert commands == readme_test_command(), f"{block.where} is skipped but is not the test command"
 

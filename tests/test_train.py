@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from microgpt_cli import checkpoint, load_checkpoint
+from microgpt_cli import checkpoint, load_checkpoint, training
+from microgpt_cli.config import ModelConfig, TrainConfig
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.files import atomic_write
+from microgpt_cli.optim import lr_factor
 
 from clitools import assert_clean_error, microgpt
 
@@ -207,3 +212,116 @@ def test_non_integer_option_is_one_clear_line(char_data: Path) -> None:
     result = microgpt("train", "--data", str(char_data), "--max-steps", "many", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error:") and "--max-steps" in result.stderr
+
+
+# --- --time-budget ---------------------------------------------------------------------------
+
+BUDGET = 8.0  # seconds: a loaded 2-core machine spends up to ~4.6 s of it starting up (torch and dynamo imports)
+# The budget counts from the CLI's import (cli.STARTED), so the interpreter's start before it (~0.2 s) and its exit
+# after the summary (~0.3-0.8 s, torch's teardown) fall outside it. Measured overruns of the process's wall time:
+# 0.3-1.2 s on 2 shared CPU cores; 2.5 s leaves room for a busier machine, and still catches a final evaluation or
+# save that the budget forgot (those belong inside it).
+OUTSIDE_BUDGET = 2.5
+PEAK_LR = 3e-3
+
+
+@dataclass(frozen=True)
+class BudgetRun:
+    out: Path
+    wall: float  # seconds the `microgpt train` process ran, start-up and exit included
+    stderr: str
+    rows: list[dict[str, Any]]  # metrics.jsonl
+
+
+def budget_run(data: Path, out: Path, *extra: str) -> BudgetRun:
+    """A run that only the budget can end (390 epochs), with a warmup far longer than it, logging every step."""
+    began = time.monotonic()
+    result = microgpt("train", "--data", data, "--out", out, *TINY, "--log-interval", "1", "--eval-interval", "100000",
+                      "--time-budget", BUDGET, "--warmup-steps", "100000", "--lr", PEAK_LR, *extra)
+    wall = time.monotonic() - began
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return BudgetRun(out, wall, result.stderr, rows)
+
+
+@pytest.fixture(scope="module")
+def flat_budget_run(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> BudgetRun:
+    """--min-lr-ratio 1: once warmup is over, the LR is exactly the peak, whatever the time."""
+    return budget_run(char_data, tmp_path_factory.mktemp("budget") / "flat", "--min-lr-ratio", "1")
+
+
+def test_time_budget_ends_the_run_in_time_with_a_final_evaluation(flat_budget_run: BudgetRun) -> None:
+    run, rows = flat_budget_run, flat_budget_run.rows
+    assert run.wall < BUDGET + OUTSIDE_BUDGET, f"{run.wall:.1f} s for a {BUDGET} s budget"
+    assert rows and all(row["elapsed"] <= BUDGET for row in rows)
+    # Ended by the budget: far fewer steps than 390 epochs, and said so.
+    assert "ended by time budget" in run.stderr
+    last = torch.load(run.out / "last.pt", weights_only=True)
+    assert last["step"] == rows[-1]["step"] < training.MAX_STEPS and last["elapsed"] <= BUDGET
+    # The final evaluation happened and was saved.
+    assert "val_loss" in rows[-1] and last["metrics"]["val_loss"] == rows[-1]["val_loss"]
+    assert (run.out / "best.pt").is_file()
+    assert len([row for row in rows if "val_loss" in row]) == 1  # --eval-interval 100000: only the final one
+
+
+def test_time_budget_ends_warmup_by_time(flat_budget_run: BudgetRun) -> None:
+    """--warmup-steps 100000 alone would keep the LR under (step + 1) / 100000 of the peak all run long;
+    under the budget, warmup ends within a tenth of it and the LR reaches the peak."""
+    rows = flat_budget_run.rows
+    assert rows[-1]["step"] < 10_000  # so a warmup by steps could not have reached 10 % of the peak
+    assert max(row["lr"] for row in rows) == pytest.approx(PEAK_LR, rel=1e-9)
+    assert all(row["lr"] <= PEAK_LR * (1 + 1e-9) for row in rows)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the LR schedule counts the CLI's start-up (torch and dynamo imports, ~2-4 s) as training time: a short budget "
+    "starts training already decayed (~0.7 of the peak with an 8 s budget) and never reaches the peak"))
+def test_time_budget_reaches_the_peak_lr_with_the_default_decay(char_data: Path, tmp_path: Path) -> None:
+    rows = budget_run(char_data, tmp_path / "run").rows
+    assert rows, "the budget left no time to train"
+    highest = max(row["lr"] for row in rows)
+    # Warmup (a tenth of the budget) ends at cos(0.1 pi) of the cosine decay: 0.978 of the peak; the steps just
+    # before it log up to ~0.99.
+    assert highest >= 0.97 * PEAK_LR, f"LR peaked at {highest / PEAK_LR:.3f} of --lr; first step {rows[0]['elapsed']:.1f} s into the budget"
+
+
+def test_lr_warmup_ends_by_time_under_a_budget() -> None:
+    cfg = TrainConfig(warmup_steps=100_000, min_lr_ratio=0.1, time_budget=100)
+    total = 10**6
+
+    def decayed(progress: float) -> float:
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    assert lr_factor(5, total, cfg, elapsed=0.0) == pytest.approx(6 / 100_000)  # by steps, while time is short
+    assert lr_factor(5, total, cfg, elapsed=5.0) == pytest.approx(0.5)  # 5 s of the 10 s warmup (a tenth)
+    assert lr_factor(5, total, cfg, elapsed=9.99) == pytest.approx(0.999)
+    assert lr_factor(5, total, cfg, elapsed=10.0) == pytest.approx(decayed(0.1))  # warmup over, decaying by time
+    assert lr_factor(5, total, cfg, elapsed=100.0) == pytest.approx(0.1)
+    # `budget` (the share left to training) is what the schedule spans, warmup included.
+    assert lr_factor(5, total, cfg, elapsed=2.5, budget=50) == pytest.approx(0.5)
+    assert lr_factor(5, total, cfg, elapsed=5.0, budget=50) == pytest.approx(decayed(0.1))
+    # No budget: time plays no part.
+    assert lr_factor(5, total, replace(cfg, time_budget=0), elapsed=50.0, budget=50) == pytest.approx(6 / 100_000)
+    assert all(0 < lr_factor(5, total, cfg, elapsed=t / 10) <= 1 for t in range(1001))
+
+
+# --- --grad-accum ----------------------------------------------------------------------------
+
+
+def train_in_process(data: Path, out: Path, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:
+    """The final weights of a 10-step run without dropout, trained by the library in this process."""
+    model = ModelConfig(n_layer=1, n_head=2, n_embed=32, context=32, dropout=0.0)
+    cfg = TrainConfig(data=str(data), out=str(out), batch_size=batch_size, grad_accum=grad_accum, max_steps=10,
+                      eval_interval=10, eval_tokens=1000, log_interval=5)
+    assert training.train(model, cfg).steps == 10
+    return weights(out / "last.pt")
+
+
+def test_grad_accum_trains_like_the_whole_batch(char_data: Path, tmp_path: Path) -> None:
+    """Micro-batches 2i and 2i+1 of batch 4 are the halves of micro-batch i of batch 8 (dataset.Batches) and
+    each micro-batch's loss is divided by --grad-accum: the same gradients, summed in another order."""
+    whole = train_in_process(char_data, tmp_path / "whole", batch_size=8, grad_accum=1)
+    accumulated = train_in_process(char_data, tmp_path / "accumulated", batch_size=4, grad_accum=2)
+    smaller = train_in_process(char_data, tmp_path / "smaller", batch_size=4, grad_accum=1)
+    assert all(torch.allclose(whole[k], accumulated[k], atol=1e-5) for k in whole)
+    # Teeth: half the effective batch trains to visibly other weights.
+    assert max((whole[k] - smaller[k]).abs().max().item() for k in whole) > 1e-3

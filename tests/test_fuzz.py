@@ -1,0 +1,912 @@
+"""Property-based fuzzing of every subcommand with hypothesis: generated option values (valid,
+boundary and invalid) and generated corrupt files (checkpoints, data dirs, TOML configs, metrics
+logs, text inputs).
+
+The property, for every case: exit 0, or a non-zero exit (2 for option parsing, 1 otherwise) with
+exactly one `error:` line on stderr and nothing on stdout; never a traceback, a signal or a hang;
+no temp files left anywhere; the shared inputs byte-identical; and the case's workspace changed
+only where the command was meant to write (nowhere at all when it failed).
+
+Cases run in-process through the real entry point (cli.main): a subprocess per case would pay
+~2 s of torch import each, and the file must stay well under two minutes. Each case runs in a
+fresh workspace dir (its cwd) and is stopped by SIGALRM if it runs too long.
+"""
+
+from __future__ import annotations
+
+import copy
+import fractions
+import functools
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import traceback
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+from conftest import TINY_TEXT, tiny_model, write_data_dir
+from microgpt_cli.checkpoint import Checkpoint, TrainingState
+from microgpt_cli.config import TrainConfig
+from microgpt_cli.dataset import data_fingerprint
+from microgpt_cli.optim import build_optimizers
+from microgpt_cli.tokenizer import Tokenizer, train_char
+
+# --- product bugs this test found, kept out of the strategies until fixed -------------------
+# Each flag removes one input class so the rest of the file can run; set it to False once the
+# bug is fixed (the repro is in the comment).
+
+# `train --n-embed 1099511627776` (and 2**64) dies with a RuntimeError traceback from the
+# allocator; `train --n-layer 4611686018427387904` hangs building blocks forever.
+EXCLUDE_HUGE_MODEL_SIZES = True
+# `train --grad-accum 1000000000000000000000` dies with "OverflowError: int too big to convert".
+EXCLUDE_HUGE_GRAD_ACCUM = True
+# `train --time-budget 1e308` dies with "OverflowError: cannot convert float infinity to integer".
+EXCLUDE_HUGE_TIME_BUDGET = True
+# `train --optimizer muon --muon-lr 1e308` dies with "RuntimeError: value cannot be converted to
+# type float without overflow" from optim.py.
+EXCLUDE_HUGE_MUON_LR = True
+
+CASE_SECONDS = 10.0  # far above the slowest honest case (~2 s: the first gpt2 tokenizer build)
+TINY_TRAIN = ["--n-layer", "1", "--n-embed", "16", "--n-head", "2", "--context", "8", "--batch-size", "2",
+              "--eval-interval", "2", "--eval-tokens", "50", "--device", "cpu", "--no-compile"]
+# Hidden temp files and dirs the product writes and must always clean up (files.py, dataprep.py,
+# training.py); none of the names this test creates looks like one.
+TEMP_NAME = re.compile(r"^\..*\.tmp$|^\..*\.(tmp|old)-|^\.discard$|^\.lock$|^\.stdin$")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# Lines a command prints while it works (so also before a failure that comes later): train's
+# start, settings, progress and evaluation lines, generate's model line. Anything else on a
+# failure's stderr is a second message.
+STATUS_LINE = {
+    "train": re.compile(r"^(\[|starting · |resuming at step |changed on resume: |settings \(saved in |step [\d,]+: )"),
+    "generate": re.compile(r"^.+: [\d.]+M parameters, .+ tokenizer, on |^\d+ tokens in "),
+}
+SETTINGS = settings(deadline=None, derandomize=True, database=None, print_blob=False,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
+
+
+# --- what a case is ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A shared input (data, model, gpt2-model, run, text) that no case may change."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Generated file contents, shown by what they are rather than by their bytes."""
+
+    label: str
+    data: bytes = field(repr=False)
+
+
+Arg = str | Ref
+Files = dict[str, Blob | None]  # workspace path -> contents (None: an empty dir)
+
+
+@dataclass
+class Part:
+    """Arguments with the workspace files they need: what the strategies build cases from."""
+
+    args: list[Arg] = field(default_factory=list)
+    files: Files = field(default_factory=dict)
+    copies: dict[str, str] = field(default_factory=dict)  # workspace path -> shared input copied there
+    outputs: tuple[str, ...] = ()  # workspace paths the command may create or change when it succeeds
+    stdin: bytes = b""
+
+    def __add__(self, other: Part) -> Part:
+        return Part(self.args + other.args, {**self.files, **other.files}, {**self.copies, **other.copies},
+                    self.outputs + other.outputs, self.stdin + other.stdin)
+
+
+def opt(flag: str, value: st.SearchStrategy[Part] | st.SearchStrategy[str]) -> st.SearchStrategy[Part]:
+    """`flag VALUE` as a Part, VALUE a string or a Part (a path with its files)."""
+    return value.map(lambda v: v if isinstance(v, Part) else Part([v])).map(lambda p: Part([flag]) + p)
+
+
+def parts(*strategies: st.SearchStrategy[Part]) -> st.SearchStrategy[Part]:
+    return st.tuples(*strategies).map(lambda ps: sum(ps, Part()))
+
+
+def maybe(strategy: st.SearchStrategy[Part]) -> st.SearchStrategy[Part]:
+    return st.one_of(st.just(Part()), strategy)
+
+
+def some_of(options: dict[str, st.SearchStrategy[Part]], most: int = 4) -> st.SearchStrategy[Part]:
+    """A few of `options` (each at most once): one odd value at a time gets past the others' checks."""
+    names = st.lists(st.sampled_from(sorted(options)), unique=True, max_size=most)
+    return names.flatmap(lambda chosen: parts(*(options[name] for name in chosen)) if chosen else st.just(Part()))
+
+
+# --- the valid material every corruption starts from ---------------------------------------
+
+
+@functools.cache
+def char_tokenizer() -> Tokenizer:
+    return train_char([TINY_TEXT])
+
+
+@functools.cache
+def good_data_files() -> dict[str, bytes]:
+    """meta.json, train.bin and val.bin of the shared data dir (conftest's format, TINY_TEXT)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_data_dir(Path(tmp) / "data", char_tokenizer(), TINY_TEXT, TINY_TEXT[:90])
+        return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+@functools.cache
+def good_state() -> dict[str, Any]:
+    """A last.pt-like checkpoint dict (with a training state) of the TINY_TRAIN shape, trained on
+    the shared data dir, so that --resume gets past the data and shape checks."""
+    tokenizer = char_tokenizer()
+    model = tiny_model(tokenizer.vocab_size, n_layer=1, n_embed=16, context=8)
+    cfg = TrainConfig(data="data", out="run", max_steps=2, batch_size=2, eval_interval=2, eval_tokens=50,
+                      device="cpu")
+    meta = json.loads(good_data_files()["meta.json"])
+    optimizers = [o.state_dict() for o in build_optimizers(model, cfg, torch.device("cpu"))]
+    metrics = {"step": 2, "epoch": 0.1, "tokens": 32, "train_loss": 3.7, "val_loss": 3.6, "elapsed": 1.0}
+    training = TrainingState(optimizers, 2, 1.0, 3.6, 1)
+    return Checkpoint.of(model, tokenizer, cfg, data_fingerprint(meta), metrics, training).to_dict()
+
+
+def torch_bytes(obj: object, **kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, **kwargs)
+    return buffer.getvalue()
+
+
+@functools.cache
+def good_checkpoint_bytes() -> bytes:
+    return torch_bytes(good_state())
+
+
+# --- option values ---------------------------------------------------------------------------
+
+
+def argv_text(max_size: int = 12) -> st.SearchStrategy[str]:
+    """What a real argv can hold on Linux: any bytes but NUL, decoded as CPython decodes argv
+    (UTF-8 with surrogateescape), or any unicode text."""
+    return st.one_of(
+        st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=max_size),
+        st.binary(max_size=max_size).map(lambda b: b.replace(b"\0", b"").decode("utf-8", "surrogateescape")),
+    )
+
+
+HUGE_INTS = [2**63 - 1, 2**63, 2**64, 10**30, -(2**63) - 1]
+BAD_INTS = ["-1", "0", "", " ", "abc", "1.5", "1e3", "0x10", "inf", "nan", "٣", "+7", "1_0", "--"]
+ODD_FLOATS = ["inf", "-inf", "nan", "-nan", "-0.0", "0", "1e-320", "1e308", "1e309", "-1", "", "abc", "1,5",
+              "0x1p-3", "١.٥", "+1e-5"]
+
+
+def int_text(valid: st.SearchStrategy[int], huge: bool = True) -> st.SearchStrategy[str]:
+    """Valid values, boundary and invalid ones, non-numbers and argv junk; with `huge`, ints past
+    2**63 too (only where a huge valid value cannot legitimately run for ages)."""
+    branches = [valid.map(str), valid.map(str), st.sampled_from(BAD_INTS), argv_text(6)]
+    if huge:
+        branches += [st.sampled_from(HUGE_INTS).map(str), st.integers().map(str)]
+    return st.one_of(*branches)
+
+
+def float_text(valid: st.SearchStrategy[float], huge: bool = True) -> st.SearchStrategy[str]:
+    odd = ODD_FLOATS if huge else [f for f in ODD_FLOATS if f not in ("1e308", "inf", "1e309")]
+    return st.one_of(valid.map(repr), valid.map(repr), st.sampled_from(odd), argv_text(6))
+
+
+def choice_text(*choices: str) -> st.SearchStrategy[str]:
+    return st.one_of(st.sampled_from(choices), st.sampled_from(choices),
+                     st.sampled_from(["", "bogus", choices[0].upper(), f" {choices[0]}"]), argv_text(6))
+
+
+DEVICES = choice_text("cpu", "auto", "cpu", "cuda", "cuda:0", "cuda:999", "mps", "cuda:", "cpu:0", "gpu")
+
+
+# --- generated files -------------------------------------------------------------------------
+
+
+def text_blob(max_size: int = 300) -> st.SearchStrategy[Blob]:
+    """Text inputs: the tiny corpus's characters, any unicode, random bytes (mostly invalid UTF-8)
+    and odd encodings."""
+    alphabet = "".join(sorted(set(TINY_TEXT)))
+    odd = [b"", b"\n", b"\xef\xbb\xbfHello there\n", b"\xff\xfeH\x00i\x00", b"abc\x00def\n", b"\xed\xa0\x80\n",
+           b"caf\xc3\n", b"\r\n\r\n", b"\x80" * 10, TINY_TEXT.encode() * 2]
+    return st.one_of(
+        st.text(alphabet, max_size=max_size).map(lambda t: Blob(f"corpus chars {t[:20]!r}", t.encode())),
+        st.text(st.characters(exclude_categories=("Cs",)), max_size=max_size // 3).map(
+            lambda t: Blob(f"unicode {t[:20]!r}", t.encode())),
+        st.binary(max_size=max_size).map(lambda b: Blob(f"bytes {b[:20]!r}", b)),
+        st.sampled_from(odd).map(lambda b: Blob(f"odd {b[:20]!r}", b)),
+    )
+
+
+def json_junk() -> st.SearchStrategy[Any]:
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.sampled_from([0, -1, 2**16, 2**32, 2**64, 10**12]),
+                        st.floats(), st.text(max_size=6))
+    return st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+                        max_leaves=6)
+
+
+DELETE = object()  # an edit that removes the key
+
+
+def apply_edit(root: Any, path: tuple[str, ...], value: Any) -> None:
+    """Set (or delete) root[path...], creating missing objects on the way."""
+    target = root
+    for key in path[:-1]:
+        if not isinstance(target, dict):
+            return  # an earlier edit put a non-object here
+        target = target.setdefault(key, {})
+    if isinstance(target, dict):
+        if value is DELETE:
+            target.pop(path[-1], None)
+        else:
+            target[path[-1]] = value
+
+
+META_PATHS = [("version",), ("tokenizer",), ("tokenizer", "kind"), ("tokenizer", "chars"), ("tokenizer", "name"),
+              ("vocab_size",), ("dtype",), ("splits",), ("splits", "train"), ("splits", "val"),
+              ("splits", "train", "tokens"), ("splits", "val", "tokens"), ("splits", "val", "bytes"), ("inputs",)]
+META_VALUES = st.one_of(json_junk(), st.sampled_from(
+    [DELETE, "uint8", "float32", "uint32", "char", "gpt2", "bpe", "tiktoken", [{"path": 5}], ["x"], [{}],
+     [{"path": "a.txt", "sha256": 5, "bytes": "x"}], 43, 45, 65536, 2**32 + 1]))
+
+
+@st.composite
+def corrupt_data_dir(draw: st.DrawFn, name: str = "data-bad") -> Part:
+    """A data dir with one or two things wrong: meta.json edited or replaced by junk, token files
+    cut, extended or holding ids past the vocabulary, a file missing or a dir in its place."""
+    files: dict[str, Blob | None] = {n: Blob("good", b) for n, b in good_data_files().items()}
+    labels = []
+    for _ in range(draw(st.integers(1, 2))):
+        kind = draw(st.sampled_from(["meta-edit", "meta-edit", "meta-raw", "tokens", "missing", "dir"]))
+        if kind == "meta-edit":
+            meta = json.loads(good_data_files()["meta.json"])
+            edits = draw(st.lists(st.tuples(st.sampled_from(META_PATHS), META_VALUES), min_size=1, max_size=3))
+            for path, value in edits:
+                apply_edit(meta, path, value)
+            labels.append(f"meta.json edited {[(p, '<delete>' if v is DELETE else v) for p, v in edits]}")
+            files["meta.json"] = Blob("edited", json.dumps(meta).encode())
+        elif kind == "meta-raw":
+            raw = draw(st.one_of(st.binary(max_size=40), st.sampled_from(
+                [b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe{}", b"\xef\xbb\xbf" + good_data_files()["meta.json"],
+                 b"{}" * 3, b'{"version": 1e999}', b"NaN"])))
+            labels.append(f"meta.json is {raw[:30]!r}")
+            files["meta.json"] = Blob("raw", raw)
+        elif kind == "tokens":
+            split = draw(st.sampled_from(["train.bin", "val.bin"]))
+            data = bytearray(good_data_files()[split])
+            how = draw(st.sampled_from(["cut-one-byte", "add-one-byte", "id-past-vocab", "empty", "random"]))
+            if how == "cut-one-byte":
+                data = data[:-1]
+            elif how == "add-one-byte":
+                data += b"\x01"
+            elif how == "id-past-vocab":
+                at = draw(st.integers(0, len(data) // 2 - 1))
+                value = draw(st.sampled_from([char_tokenizer().vocab_size, 65535, 1000]))
+                data[2 * at : 2 * at + 2] = value.to_bytes(2, "little")
+            elif how == "empty":
+                data = bytearray()
+            else:
+                data = bytearray(draw(st.binary(max_size=64)))
+            labels.append(f"{split} {how}")
+            files[split] = Blob(how, bytes(data))
+        else:
+            victim = draw(st.sampled_from(sorted(good_data_files())))
+            labels.append(f"{victim} {kind}")
+            if kind == "missing":
+                files.pop(victim, None)
+            else:
+                files[victim] = None
+    note(f"{name}: {'; '.join(labels)}")
+    return Part([name], files={name: None, **{f"{name}/{n}": b for n, b in files.items()}})
+
+
+def checkpoint_edits() -> st.SearchStrategy[list[tuple[tuple[str, ...], Any]]]:
+    """Edits to a checkpoint dict: missing keys, wrong types, odd versions and shapes."""
+    state = good_state()
+    size_ints = st.integers(-3, 64) if EXCLUDE_HUGE_MODEL_SIZES else st.integers()
+    paths = st.one_of(
+        st.sampled_from([(k,) for k in [*state, "bogus"]]),
+        st.sampled_from([("model_config", k) for k in [*state["model_config"], "bogus"]]),
+        st.sampled_from([("tokenizer", k) for k in ("kind", "chars", "name", "tokens", "pattern")]),
+        st.sampled_from([("model", k) for k in [*state["model"], "bogus"]]),
+        st.sampled_from([("metrics", k) for k in ("step", "epoch", "train_loss", "val_loss", "elapsed")]),
+        st.sampled_from([("data", k) for k in ("inputs", "tokenizer", "vocab_size")]),
+        st.sampled_from([("train_config", k) for k in ("data", "out", "seed", "batch_size", "lr", "bogus")]),
+    )
+    tensors = st.builds(lambda shape, dtype, fill: torch.full(shape, fill).to(dtype),
+                        st.lists(st.integers(0, 4), max_size=3).map(tuple),
+                        st.sampled_from([torch.float32, torch.int64, torch.bool, torch.float16]),
+                        st.sampled_from([0.0, 1.0, float("nan"), float("inf")]))
+    values = st.one_of(json_junk().filter(lambda v: not isinstance(v, int) or -64 <= v <= 64 or not EXCLUDE_HUGE_MODEL_SIZES),
+                       size_ints, tensors,
+                       st.sampled_from([DELETE, 2, 0, "1", 1.0, True, "4", "char", "gpt2", "bpe", "tiktoken", "rope",
+                                        [], {}, ["x"], {"step": "x"}]))
+    return st.lists(st.tuples(paths, values), min_size=1, max_size=3)
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name or "x", data)
+    return buffer.getvalue()
+
+
+def edited_checkpoint(edits: list[tuple[tuple[str, ...], Any]]) -> Blob:
+    state = copy.deepcopy(good_state())
+    for path, value in edits:
+        apply_edit(state, path, value)
+    shown = [(".".join(map(str, p)), "<delete>" if v is DELETE else v) for p, v in edits]
+    return Blob(f"checkpoint with {shown}", torch_bytes(state))
+
+
+def checkpoint_blob() -> st.SearchStrategy[Blob]:
+    """Corrupt checkpoints: cut short, bits flipped, random bytes, a zip that is no checkpoint,
+    a torch file of the wrong structure or refused objects, a legacy (non-zip) torch file."""
+    good = good_checkpoint_bytes()
+    n = len(good)
+
+    def flip(changes: list[tuple[int, int]]) -> Blob:
+        data = bytearray(good)
+        for at, mask in changes:
+            data[at] ^= mask
+        return Blob(f"checkpoint with bytes flipped at {changes}", bytes(data))
+
+    return st.one_of(
+        st.integers(0, n - 1).map(lambda k: Blob(f"checkpoint cut to {k} of {n} bytes", good[:k])),
+        st.lists(st.tuples(st.integers(0, n - 1), st.integers(1, 255)), min_size=1, max_size=6).map(flip),
+        st.binary(max_size=200).map(lambda b: Blob(f"random bytes {b[:20]!r}", b)),
+        st.dictionaries(st.text("abcz/._", max_size=8), st.binary(max_size=20), max_size=3).map(
+            lambda m: Blob(f"zip of {sorted(m)}", zip_bytes(m))),
+        checkpoint_edits().map(edited_checkpoint),
+        checkpoint_edits().map(edited_checkpoint),
+        st.sampled_from([[], 5, "x", None, (1, 2)]).map(lambda v: Blob(f"torch.save({v!r})", torch_bytes(v))),
+        st.just(Blob("torch.save of a tensor", torch_bytes(torch.zeros(3)))),
+        st.just(Blob("a checkpoint holding a Fraction (refused by weights_only)",
+                     torch_bytes({**good_state(), "metrics": {"step": fractions.Fraction(1, 3)}}))),
+        st.just(Blob("legacy non-zip torch file", torch_bytes({"version": 1}, _use_new_zipfile_serialization=False))),
+        st.just(Blob("plain pickle", pickle.dumps({"version": 1}))),
+    )
+
+
+def odd_path(name: str) -> st.SearchStrategy[Part]:
+    """A path that is not what it should be: missing, a plain file, an empty dir, inside a file, or ''."""
+    text = Blob("text", b"hello\n")
+    return st.sampled_from([
+        Part([f"{name}-missing"]),
+        Part([f"{name}.file"], files={f"{name}.file": text}),
+        Part([f"{name}.dir"], files={f"{name}.dir": None}),
+        Part([f"{name}.file/x"], files={f"{name}.file": text}),
+        Part([""]),
+    ])
+
+
+def checkpoint_input() -> st.SearchStrategy[Part]:
+    good = st.sampled_from([Part([Ref("model")]), Part([Ref("gpt2-model")]), Part([Ref("run")])])
+    return st.one_of(
+        good, good,
+        checkpoint_blob().map(lambda b: Part(["ckpt.pt"], files={"ckpt.pt": b})),
+        checkpoint_blob().map(lambda b: Part(["ckpt.pt"], files={"ckpt.pt": b})),
+        # a run dir whose best.pt (the one a run dir stands for) is damaged
+        checkpoint_blob().map(lambda b: Part(["run-copy"], copies={"run-copy": "run"}, files={"run-copy/best.pt": b})),
+        odd_path("ckpt"),
+    )
+
+
+def data_input() -> st.SearchStrategy[Part]:
+    return st.one_of(st.just(Part([Ref("data")])), st.just(Part([Ref("data")])), corrupt_data_dir(),
+                     corrupt_data_dir(), odd_path("data"), st.just(Part([Ref("run")])))
+
+
+def text_input(name: str) -> st.SearchStrategy[Part]:
+    return st.one_of(text_blob().map(lambda b: Part([name], files={name: b})),
+                     text_blob().map(lambda b: Part([name], files={name: b})),
+                     st.just(Part([Ref("text")])), odd_path(name))
+
+
+TOML_VALUES = st.one_of(
+    st.integers(-(2**64), 2**64).map(str),  # past int64 is a TOML syntax error
+    st.floats().map(repr),
+    st.sampled_from(["0", "-1", "2", "1.5", "inf", "-inf", "nan", "-0.0", "1e400", "true", "false", '"cpu"', '""',
+                     "'x'", "[1, 2]", "[]", "{a = 1}", "1979-05-27", "07:32:00", '"\\u00e9"', '"""a\nb"""', "0x10",
+                     "1_000", "'missing'"]),
+    argv_text().map(lambda s: json.dumps(s, ensure_ascii=False)),  # a lone-surrogate escape is invalid TOML
+)
+
+
+@st.composite
+def toml_blob(draw: st.DrawFn, keys: list[str], good: dict[str, str]) -> Blob:
+    """A --config file: right keys with wrong types, unknown keys, tables, arrays, bad syntax or bytes."""
+    kind = draw(st.sampled_from(["lines", "lines", "good", "raw"]))
+    if kind == "raw":
+        data = draw(st.one_of(st.binary(max_size=60), st.sampled_from(
+            [b"", b"\xff\xfe", b"lr = 0.1\n\x80", b"[x]\ny = 1", b"a = ", b"= 1", b"\xef\xbb\xbflr = 0.1"])))
+        return Blob(f"toml bytes {data[:40]!r}", data)
+    if kind == "good":
+        chosen = draw(st.lists(st.sampled_from(sorted(good)), unique=True, min_size=1, max_size=3))
+        lines = [f"{k} = {good[k]}" for k in chosen]
+    else:
+        key = st.one_of(st.sampled_from(keys), st.sampled_from(["bogus", "max-steps", "config", "help", "vocab_size",
+                                                                "\"quoted key\"", "a.b"]))
+        lines = [f"{k} = {v}" for k, v in draw(st.lists(st.tuples(key, TOML_VALUES), max_size=4))]
+        if draw(st.booleans()):
+            lines.insert(draw(st.integers(0, len(lines))), draw(st.sampled_from(["[table]", "[[array]]", "# c", "x"])))
+    text = "\n".join(lines) + "\n"
+    return Blob(f"toml {text!r}", text.encode("utf-8", "surrogateescape"))
+
+
+def config_input(keys: list[str], good: dict[str, str]) -> st.SearchStrategy[Part]:
+    return st.one_of(toml_blob(keys, good).map(lambda b: Part(["cfg.toml"], files={"cfg.toml": b})),
+                     toml_blob(keys, good).map(lambda b: Part(["cfg.toml"], files={"cfg.toml": b})),
+                     odd_path("cfg"))
+
+
+def output_path(name: str, existing: st.SearchStrategy[Part] | None = None) -> st.SearchStrategy[Part]:
+    """Where a command writes: a fresh path (the common case), a nested fresh path, an existing
+    file, a path inside a file, an existing (empty or not) dir, or ''."""
+    text = Blob("text", b"keep me\n")
+    fresh = st.just(Part([name], outputs=(name,)))
+    odd = st.sampled_from([
+        Part([f"new/{name}"], outputs=(f"new/{name}",)),
+        Part([name], files={name: text}, outputs=(name,)),
+        Part([f"{name}.file/x"], files={f"{name}.file": text}, outputs=(f"{name}.file/x",)),
+        Part([name], files={name: None}, outputs=(name,)),
+        Part([name], files={name: None, f"{name}/keep.txt": text}, outputs=(name,)),
+        Part([""], outputs=("",)),
+    ])
+    return st.one_of(fresh, fresh, odd, *([existing] if existing is not None else []))
+
+
+# --- cases per subcommand --------------------------------------------------------------------
+
+
+def command(name: str, *strategies: st.SearchStrategy[Part]) -> st.SearchStrategy[tuple[str, Part]]:
+    return parts(st.just(Part([name])), *strategies).map(lambda p: (name, p))
+
+
+@st.composite
+def prepare_inputs(draw: st.DrawFn) -> Part:
+    """0-3 inputs: text files, dirs (with hidden, binary and nested files), stdin, odd paths."""
+    result = Part()
+    for i in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["file", "file", "dir", "stdin", "odd", "shared", "twice"]))
+        if kind == "file":
+            result += Part([f"in{i}.txt"], files={f"in{i}.txt": draw(text_blob())})
+        elif kind == "dir":
+            result += Part([f"indir{i}"], files={f"indir{i}": None, f"indir{i}/a.txt": draw(text_blob()),
+                                                 f"indir{i}/.hidden.txt": draw(text_blob()),
+                                                 f"indir{i}/sub": None, f"indir{i}/sub/b.bin": Blob("nul", b"\0x")})
+        elif kind == "stdin":
+            result += Part(["-"], stdin=draw(text_blob()).data)
+        elif kind == "shared":
+            result += Part([Ref("text")])
+        elif kind == "twice":
+            result += Part([f"in{i}.txt", f"./in{i}.txt"], files={f"in{i}.txt": Blob("text", TINY_TEXT.encode())})
+        else:
+            result += draw(odd_path(f"in{i}"))
+    return result
+
+
+def prepare_cases() -> st.SearchStrategy[tuple[str, Part]]:
+    # Tokenizer names tiktoken would download are left out: a network fetch has no place in a unit test.
+    tokenizers = choice_text("char", "gpt2", "bpe", "char", "cl100k_bogus")
+    existing = st.just(Part(["data-old"], copies={"data-old": "data"}, outputs=("data-old",)))
+    return command(
+        "prepare", prepare_inputs(), opt("--out", output_path("prep", existing)),
+        some_of({
+            "sample": opt("--sample", choice_text("tinyshakespeare")),
+            "tokenizer": opt("--tokenizer", tokenizers),
+            "vocab": opt("--vocab-size", int_text(st.integers(257, 400))),
+            "val": opt("--val-fraction", float_text(st.floats(0.01, 0.99))),
+            "force": st.just(Part(["--force"])),
+            "errors": opt("--errors", choice_text("strict", "replace")),
+        }),
+    )
+
+
+TRAIN_KEYS = ["data", "out", "preset", "resume", "force", "epochs", "max_steps", "time_budget", "batch_size", "batches",
+              "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "beta1", "beta2",
+              "optimizer", "muon_lr", "eval_interval", "eval_tokens", "log_interval", "seed", "device", "compile",
+              "threads", "n_layer", "n_head", "n_ma", "n_embed", "context", "text_size", "dropout", "position", "norm",
+              "activation", "qk_norm", "tie_weights", "bias"]
+TRAIN_GOOD_TOML = {"lr": "0.01", "warmup_steps": "1", "seed": "7", "dropout": "0.0", "position": '"rope"',
+                   "norm": '"rmsnorm"', "activation": '"gelu"', "qk_norm": "true", "bias": "false", "optimizer": '"muon"',
+                   "log_interval": "1", "eval_tokens": "0", "preset": '"cpu"', "compile": "true", "threads": "1"}
+
+
+def train_options() -> dict[str, st.SearchStrategy[Part]]:
+    """Overrides of the tiny base flags; a later flag wins, so each replaces the base value."""
+    size = st.integers(-1, 64) if EXCLUDE_HUGE_MODEL_SIZES else st.integers(-1, 64) | st.sampled_from(HUGE_INTS)
+    return {
+        "n_layer": opt("--n-layer", int_text(st.integers(1, 2), huge=False) | size.map(str)),
+        "n_embed": opt("--n-embed", int_text(st.sampled_from([2, 4, 8, 16, 30, 32]), huge=False) | size.map(str)),
+        "n_head": opt("--n-head", int_text(st.integers(1, 4))),
+        "context": opt("--context", int_text(st.sampled_from([1, 4, 8, 16, 89, 90]))),
+        "batch_size": opt("--batch-size", int_text(st.integers(1, 4))),
+        # Moderately large values run for ages by design (a step of a million micro-batches).
+        "grad_accum": opt("--grad-accum", int_text(st.integers(1, 3), huge=not EXCLUDE_HUGE_GRAD_ACCUM)),
+        "lr": opt("--lr", float_text(st.floats(1e-5, 1.0))),
+        "min_lr_ratio": opt("--min-lr-ratio", float_text(st.floats(0, 1))),
+        "warmup_steps": opt("--warmup-steps", int_text(st.integers(0, 5))),
+        "weight_decay": opt("--weight-decay", float_text(st.floats(0, 1))),
+        "grad_clip": opt("--grad-clip", float_text(st.floats(0, 2))),
+        "beta1": opt("--beta1", float_text(st.floats(0, 0.999))),
+        "beta2": opt("--beta2", float_text(st.floats(0, 0.999))),
+        "optimizer": opt("--optimizer", choice_text("adamw", "muon")),
+        "muon_lr": opt("--muon-lr", float_text(st.floats(1e-4, 0.1), huge=not EXCLUDE_HUGE_MUON_LR)),
+        "eval_interval": opt("--eval-interval", int_text(st.integers(1, 3))),
+        "eval_tokens": opt("--eval-tokens", int_text(st.integers(0, 100))),
+        "log_interval": opt("--log-interval", int_text(st.integers(1, 3))),
+        "seed": opt("--seed", int_text(st.integers(0, 2**63 - 1))),
+        "device": opt("--device", DEVICES),
+        "threads": opt("--threads", int_text(st.sampled_from([0, 1, 2, 1024, 1025, 100000]))),
+        "dropout": opt("--dropout", float_text(st.floats(0, 0.99))),
+        "position": opt("--position", choice_text("learned", "rope")),
+        "norm": opt("--norm", choice_text("layernorm", "rmsnorm")),
+        "activation": opt("--activation", choice_text("relu", "relu2", "gelu")),
+        "flags": st.sampled_from(["--qk-norm", "--no-qk-norm", "--untie-weights", "--no-bias", "--bias"]).map(
+            lambda f: Part([f])),
+        "time_budget": opt("--time-budget", float_text(st.floats(0, 60), huge=not EXCLUDE_HUGE_TIME_BUDGET)),
+        "preset": opt("--preset", choice_text("cpu", "gpt2")),
+        "config": opt("--config", config_input(TRAIN_KEYS, TRAIN_GOOD_TOML)),
+    }
+
+
+def run_length() -> st.SearchStrategy[Part]:
+    """--max-steps and --epochs: any value for one while the other keeps the run to a few steps
+    (both unbounded is a legitimately endless run; the tiny corpus has ~30 steps per epoch)."""
+    small_steps = st.sampled_from(["1", "2", "3"])
+    small_epochs = st.sampled_from(["0.01", "0.05", "0.1"])
+    any_steps = int_text(st.integers(0, 3))
+    any_epochs = float_text(st.floats(0.001, 0.1))
+    pair = st.one_of(st.tuples(small_steps, any_epochs), st.tuples(any_steps, small_epochs))
+    return pair.map(lambda p: Part(["--max-steps", p[0], "--epochs", p[1]]))
+
+
+def train_cases() -> st.SearchStrategy[tuple[str, Part]]:
+    run_copy = st.sampled_from([[], ["--resume"], ["--force"], ["--resume", "--force"]]).map(
+        lambda flags: Part(["run-copy", *flags], copies={"run-copy": "run"}, outputs=("run-copy",)))
+    damaged_run = st.tuples(checkpoint_blob(), st.sampled_from([["--resume"], ["--force"], []])).map(
+        lambda bf: Part(["run-copy", *bf[1]], copies={"run-copy": "run"}, files={"run-copy/last.pt": bf[0]},
+                        outputs=("run-copy",)))
+    out = st.one_of(output_path("run"), run_copy, run_copy, damaged_run,
+                    st.just(Part(["run", "--resume"], outputs=("run",))))
+    return command("train", st.just(Part(TINY_TRAIN)), opt("--data", data_input()), opt("--out", out), run_length(),
+                   some_of(train_options()))
+
+
+EVAL_KEYS = ["checkpoint", "data", "text", "skip_unknown", "json", "json_output", "batch_size", "device"]
+EVAL_GOOD_TOML = {"batch_size": "3", "device": '"cpu"', "json": "true", "skip_unknown": "true", "text": "'missing'"}
+
+
+def eval_cases() -> st.SearchStrategy[tuple[str, Part]]:
+    return command("eval", maybe(opt("-c", checkpoint_input())), some_of({
+        "data": opt("--data", data_input()),
+        "text": opt("--text", text_input("text.txt")),
+        "skip": st.just(Part(["--skip-unknown"])),
+        "json": st.just(Part(["--json"])),
+        "batch": opt("--batch-size", int_text(st.integers(1, 16))),
+        "device": opt("--device", DEVICES),
+        "config": opt("--config", config_input(EVAL_KEYS, EVAL_GOOD_TOML)),
+    }, most=5))
+
+
+GENERATE_KEYS = ["checkpoint", "prompt", "prompt_file", "length", "temperature", "top_k", "top_p", "seed", "num_samples",
+                 "stop", "device"]
+GENERATE_GOOD_TOML = {"temperature": "0.0", "top_k": "3", "top_p": "0.5", "seed": "1", "stop": '"e"',
+                      "prompt": '"Hello"', "device": '"cpu"'}
+
+
+def generate_cases() -> st.SearchStrategy[tuple[str, Part]]:
+    prompt = st.one_of(st.text("".join(sorted(set(TINY_TEXT))), max_size=30), argv_text())
+    # --length and --num-samples always come as flags (so a --config file cannot make a run of
+    # a billion tokens, which would be legitimate but endless); no huge valid --num-samples either.
+    return command("generate", maybe(opt("-c", checkpoint_input())),
+                   opt("--length", int_text(st.integers(0, 12))),
+                   opt("--num-samples", int_text(st.integers(1, 3), huge=False)),
+                   some_of({
+                       "prompt": opt("--prompt", prompt),
+                       "prompt_file": opt("--prompt-file", text_input("prompt.txt")),
+                       "temperature": opt("--temperature", float_text(st.floats(0, 5))),
+                       "top_k": opt("--top-k", int_text(st.integers(1, 100))),
+                       "top_p": opt("--top-p", float_text(st.floats(0.01, 1))),
+                       "seed": opt("--seed", int_text(st.integers(0, 2**63 - 1))),
+                       "stop": opt("--stop", prompt),
+                       "device": opt("--device", DEVICES),
+                       "config": opt("--config", config_input(GENERATE_KEYS, GENERATE_GOOD_TOML)),
+                   }, most=5))
+
+
+def info_cases() -> st.SearchStrategy[tuple[str, Part]]:
+    target = st.one_of(checkpoint_input(), data_input(), st.just(Part()))
+    return command("info", target, maybe(st.just(Part(["--json"]))))
+
+
+METRIC_KEYS = ["step", "train_loss", "val_loss", "tokens", "elapsed", "epoch"]
+
+
+@st.composite
+def metrics_blob(draw: st.DrawFn) -> Blob:
+    """metrics.jsonl: good lines mixed with lines of wrong types, non-objects, junk and bad bytes."""
+    good = {"step": 1, "epoch": 0.1, "tokens": 16, "train_loss": 3.7, "lr": 0.001, "tokens_per_sec": 9.0,
+            "elapsed": 0.5}
+    lines: list[bytes] = []
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["good", "edited", "edited", "json", "bytes"]))
+        if kind == "good":
+            lines.append(json.dumps({**good, "val_loss": 3.6}).encode())
+        elif kind == "edited":
+            line = dict(good)
+            for key, value in draw(st.lists(st.tuples(st.sampled_from(METRIC_KEYS), st.one_of(
+                    json_junk(), st.sampled_from([DELETE, "1", "x", "nan", None, True, 1e308, -1]))), min_size=1,
+                    max_size=3)):
+                apply_edit(line, (key,), value)
+            lines.append(json.dumps(line).encode())
+        elif kind == "json":
+            lines.append(json.dumps(draw(json_junk())).encode())
+        else:
+            lines.append(draw(st.binary(max_size=30)).replace(b"\n", b""))
+    data = b"\n".join(lines) + draw(st.sampled_from([b"\n", b""]))
+    return Blob(f"metrics {data[:200]!r}", data)
+
+
+def plot_cases() -> st.SearchStrategy[tuple[str, Part]]:
+    def run_dir(i: int) -> st.SearchStrategy[Part]:
+        name = f"run{i}"
+        return st.one_of(
+            st.just(Part([Ref("run")])),
+            metrics_blob().map(lambda b: Part([name], copies={name: "run"}, files={f"{name}/metrics.jsonl": b})),
+            metrics_blob().map(lambda b: Part([name], copies={name: "run"}, files={f"{name}/metrics.jsonl": b})),
+            st.just(Part([Ref("data")])), odd_path(name),
+        )
+
+    dirs = st.integers(0, 3).flatmap(lambda k: parts(*(run_dir(i) for i in range(k))) if k else st.just(Part()))
+    png = st.one_of(opt("--out", output_path("plot.png")), st.just(Part(outputs=("runs.png",))))  # default: cwd
+    return command("plot", dirs, png, maybe(opt("--x", choice_text("step", "tokens", "time"))))
+
+
+def export_cases() -> st.SearchStrategy[tuple[str, Part]]:
+    return command("export", maybe(opt("-c", checkpoint_input())), maybe(opt("--out", output_path("exported"))),
+                   maybe(opt("--format", choice_text("hf", "safetensors"))), maybe(st.just(Part(["--force"]))))
+
+
+# --- running a case --------------------------------------------------------------------------
+
+
+class CaseTimeout(BaseException):
+    """Raised by SIGALRM in a case that runs too long: a BaseException, so that no `except
+    Exception` in the product swallows it."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise CaseTimeout
+
+
+class _KeptBytes(io.BytesIO):
+    """An output buffer that survives close(): main closes stderr on a broken pipe."""
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+    crash: str = ""  # the traceback of an exception that escaped main
+
+
+@contextmanager
+def inside(path: Path) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def run_main(args: list[str], stdin: bytes = b"") -> Outcome:
+    """`microgpt ARGS` through the real entry point, with stdout and stderr encoded as a real
+    process's would be (strict UTF-8 stdout, backslash-escaped stderr) and `stdin` as its input."""
+    from microgpt_cli.cli import main
+
+    out_bytes, err_bytes = _KeptBytes(), _KeptBytes()
+    out = io.TextIOWrapper(out_bytes, encoding="utf-8", errors="strict", write_through=True)
+    err = io.TextIOWrapper(err_bytes, encoding="utf-8", errors="backslashreplace", write_through=True)
+    saved_stdin, threads = sys.stdin, torch.get_num_threads()
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
+    code, crash = 0, ""
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                main(args)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # what would be a traceback in a real process
+                code, crash = 1, traceback.format_exc()
+    except CaseTimeout:
+        code, crash = 1, f"hang: still running after {CASE_SECONDS} s\n{traceback.format_exc()}"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        sys.stdin = saved_stdin
+        torch.set_num_threads(threads)  # --threads N would otherwise slow every later case
+    return Outcome(code, out_bytes.getvalue().decode("utf-8", "replace"),
+                   ANSI.sub("", err_bytes.getvalue().decode("utf-8", "replace")), crash)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under `root`: 'dir' or the sha256 of its contents."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in dirnames:
+            found[str((here / name).relative_to(root))] = "dir"
+        for name in filenames:
+            path = here / name
+            found[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def temp_files(*roots: Path) -> list[str]:
+    return [str(Path(d) / n) for root in roots for d, ds, fs in os.walk(root) for n in ds + fs if TEMP_NAME.match(n)]
+
+
+def build_workspace(workspace: Path, case: Part, shared: Path) -> None:
+    for dest, source in case.copies.items():
+        shutil.copytree(shared / source, workspace / dest)
+    for name, blob in case.files.items():
+        path = workspace / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if blob is None:
+            if path.is_file():
+                path.unlink()
+            path.mkdir(exist_ok=True)
+        else:
+            if path.is_dir():
+                shutil.rmtree(path)
+            path.write_bytes(blob.data)
+
+
+def under(path: str, outputs: tuple[str, ...]) -> bool:
+    """Whether `path` (relative to the workspace) is one of `outputs` or inside one ('' is everything)."""
+    return any(o in ("", ".") or path == o or path.startswith(o.rstrip("/") + "/") for o in outputs)
+
+
+def check_case(name: str, case: Part, shared: Path, workspace: Path) -> None:
+    """Run one generated case and assert the property (see the module docstring)."""
+    build_workspace(workspace, case, shared)
+    args = [str(shared / a.name) if isinstance(a, Ref) else a for a in case.args]
+    shown = "microgpt " + shlex.join(a.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for a in args)
+    note(shown)
+    before, shared_before = snapshot(workspace), snapshot(shared)
+    with inside(workspace):
+        outcome = run_main(args, case.stdin)
+    after = snapshot(workspace)
+    context = f"{shown}\nexit {outcome.code}\nstdout: {outcome.out[:300]!r}\nstderr: {outcome.err[-1500:]}"
+    assert not outcome.crash, f"{context}\n{outcome.crash}"
+    assert "Traceback" not in outcome.err + outcome.out, context
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    if outcome.code == 0:
+        stray = [p for p in changed if not under(p, case.outputs)]
+        assert not stray, f"{context}\nchanged outside the outputs {case.outputs}: {stray}"
+    else:
+        status = STATUS_LINE.get(name)
+        lines = [line for line in outcome.err.splitlines() if line.strip()]
+        messages = [line for line in lines if not (status and status.match(line))]
+        assert len(messages) == 1 and messages[0].startswith("error:") and lines[-1] == messages[0], context
+        assert outcome.code in (1, 2) and (outcome.code == 2) == messages[0].endswith("(see --help)"), context
+        assert outcome.out == "", context
+        assert not changed, f"{context}\na failed command changed {changed}"
+    assert not temp_files(workspace, shared), f"{context}\ntemp files left: {temp_files(workspace, shared)}"
+    assert snapshot(shared) == shared_before, f"{context}\na shared input changed"
+
+
+# --- fixtures and tests ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The inputs every case may read and none may change: a char data dir, a tiny char
+    checkpoint, a tiny gpt2-tokenizer checkpoint, a trained run dir and a text file."""
+    root = tmp_path_factory.mktemp("fuzz-shared")
+    with pytest.MonkeyPatch.context() as env:
+        for var in ("MICROGPT_DATA", "MICROGPT_OUT", "MICROGPT_DEVICE"):
+            env.delenv(var, raising=False)  # a default path must mean the case's own workspace
+        (root / "data").mkdir()
+        for name, data in good_data_files().items():
+            (root / "data" / name).write_bytes(data)
+        (root / "model.pt").write_bytes(good_checkpoint_bytes())
+        from microgpt_cli import checkpoint
+        from microgpt_cli.tokenizer import named
+
+        gpt2 = named("gpt2")
+        checkpoint.save(root / "gpt2-model.pt", Checkpoint.of(tiny_model(gpt2.vocab_size, n_layer=1, n_embed=8), gpt2))
+        (root / "text").write_text(TINY_TEXT[:200], encoding="utf-8")
+        result = run_main(["train", "--data", str(root / "data"), "--out", str(root / "run"), *TINY_TRAIN,
+                           "--max-steps", "2", "--log-interval", "1"])
+        assert result.code == 0 and not result.crash, result.err + result.crash
+        yield root
+
+
+@pytest.fixture(scope="module")
+def workspaces(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]:
+    root = tmp_path_factory.mktemp("fuzz-cases")
+    return lambda: Path(tempfile.mkdtemp(dir=root))
+
+
+def fuzz(name_and_case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
+    workspace = workspaces()
+    try:
+        check_case(*name_and_case, shared, workspace)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+@settings(SETTINGS, max_examples=50)
+@given(case=prepare_cases())
+def test_prepare(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
+    fuzz(case, shared, workspaces)
+
+
+@settings(SETTINGS, max_examples=70)
+@given(case=train_cases())
+def test_train(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
+    fuzz(case, shared, workspaces)
+
+
+@settings(SETTINGS, max_examples=60)
+@given(case=eval_cases())
+def test_eval(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
+    fuzz(case, shared, workspaces)
+
+
+@settings(SETTINGS, max_examples=60)
+@given(case=generate_cases())
+def test_generate(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
+    fuzz(case, shared, workspaces)
+
+
+@settings(SETTINGS, max_examples=60)
+@given(case=info_cases())
+def test_info(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
+    fuzz(case, shared, workspaces)
+
+
+@settings(SETTINGS, max_examples=30)
+@given(case=plot_cases())
+def test_plot(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
+    fuzz(case, shared, workspaces)
+
+
+@settings(SETTINGS, max_examples=50)
+@given(case=export_cases())
+def test_export(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
+    fuzz(case, shared, workspaces)
