@@ -86,17 +86,18 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig, elapsed: float = 0.
               budget: float | None = None) -> float:
     """Linear warmup, then cosine decay to `min_lr_ratio`. Under a time budget (`budget` seconds of
     training, by default `cfg.time_budget`), progress is the larger of steps done and time spent,
-    for the warmup (which so ends within a tenth of the budget) as for the decay (which so ends
-    exactly when the budget does)."""
+    for the warmup (which so ends within the first tenth of the budget) as for the decay (which
+    runs over the other nine tenths and so ends exactly when the budget does)."""
     budget = (cfg.time_budget if budget is None else budget) if cfg.time_budget else 0.0
+    warmup_time = WARMUP_BUDGET_SHARE * budget if cfg.warmup_steps else 0.0
     if step < cfg.warmup_steps:
         warm = (step + 1) / cfg.warmup_steps
         if budget:
-            warm = max(warm, elapsed / (WARMUP_BUDGET_SHARE * budget))
+            warm = max(warm, elapsed / warmup_time)
         if warm < 1:
             return warm
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     if budget:
-        progress = max(progress, elapsed / budget)
+        progress = max(progress, (elapsed - warmup_time) / (budget - warmup_time))
     progress = min(1.0, max(0.0, progress))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -306,6 +306,7 @@ class Clock:
         self.eval_token_seconds = 0.0  # measured seconds per validation token and process (0: not yet)
         self.save_seconds = 0.0  # measured seconds of the checkpoint saves and plot after an evaluation
         self.eval_tokens = 0  # validation tokens per evaluation, fixed at the first one
+        self._setup: float | None = None  # this call's seconds before its first step
 
     def elapsed(self) -> float:
         return self._before + time.perf_counter() - self._start
@@ -356,8 +357,22 @@ class Clock:
         return bool(self.budget) and self.elapsed() + self.reserve() >= self.budget
 
     def train_budget(self) -> float:
-        """Seconds of the budget that training itself may use (what the LR schedule spans)."""
+        """Seconds into the budget where training must stop (0 without a budget)."""
         return max(self.budget - self.reserve(), 1e-3) if self.budget else 0.0
+
+    def training_started(self) -> None:
+        """Call before every step: the first call marks where this call's start-up (imports, data
+        checks, building the model) ended."""
+        if self._setup is None:
+            self._setup = self.elapsed() - self._before
+
+    def schedule_time(self) -> tuple[float, float]:
+        """(elapsed, budget) for the LR schedule: seconds of training so far, and the seconds that
+        training may take. Start-up counts against the budget but not in the schedule, so that a
+        short budget still warms up and decays over its training steps."""
+        setup = self._setup or 0.0
+        budget = max(self.train_budget() - setup, 1e-3) if self.budget else 0.0
+        return max(0.0, self.elapsed() - setup), budget
 
     def eval_deadline(self) -> float | None:
         """A perf_counter time no evaluation may run past: the budget's end, less the saves."""
@@ -406,14 +421,20 @@ def train(
     with dir_lock(out, "`microgpt train`") if world.main else nullcontext():
         run = build_run(model_config, cfg, resume, force, world, given)
         distributed.init(world, run.device)
+        trainer = None
         try:
-            return Trainer(run, on_event if world.main else _ignore, started).train()
+            trainer = Trainer(run, on_event if world.main else _ignore, started)
+            return trainer.train()
         except RuntimeError as exc:
             if not world.distributed:
                 raise
             raise MicroGPTError(f"a peer process failed or vanished ({str(exc).splitlines()[0]}); "
                                 f"{run.out / 'last.pt'} from the last save is intact: restart with --resume") from exc
         finally:
+            # An exception's traceback keeps the trainer alive past the shutdown below, and a DDP wrapper
+            # freed after its process group can deadlock gloo's teardown at exit: drop the wrapper first.
+            if trainer is not None:
+                trainer.runner = run.model
             distributed.shutdown(world)
 
 
@@ -479,7 +500,8 @@ class Trainer:
     def _step(self) -> None:
         """One optimizer step over --grad-accum micro-batches, without waiting for the device."""
         run, cfg = self.run, self.run.cfg
-        self.lr_factor = lr_factor(run.step, run.total_steps, cfg, self.clock.elapsed(), self.clock.train_budget())
+        self.clock.training_started()
+        self.lr_factor = lr_factor(run.step, run.total_steps, cfg, *self.clock.schedule_time())
         for opt in run.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * self.lr_factor

@@ -127,6 +127,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
 
 
 class RunsCode:
+    marker: Path  # set on the instance: what the payload would create
+
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
 
@@ -164,7 +166,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_best(char_data: Path, tmp_path:
     microgpt("train", "--data", str(char_data), "--out", str(out), *TINY, "--max-steps", "10", "--eval-interval", "10")
     best = (out / "best.pt").read_bytes()
     result = microgpt("train", "--data", str(char_data), "--out", str(out), *TINY, "--force", "--lr", "1e30",
-                      "--grad-clip", "0", "--warmup-steps", "0", "--max-steps", "40", "--eval-interval", "40", check=False)
+                      "--grad-clip", "0", "--warmup-steps", "0", "--max-steps", "40", "--eval-interval", "40",
+                      check=False)
     assert_clean_error(result, "diverged", "best.pt is kept", "lower --lr")
     assert (out / "best.pt").read_bytes() == best
 
@@ -185,7 +188,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_best(char_data: Path, tmp_path:
         (["--resume"], ["--resume", "last.pt"]),
     ],
 )
-def test_bad_options_are_one_clear_line(extra: list[str], fragments: list[str], char_data: Path, tmp_path: Path) -> None:
+def test_bad_options_are_one_clear_line(extra: list[str], fragments: list[str], char_data: Path,
+                                        tmp_path: Path) -> None:
     if "cuda" in extra and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     result = microgpt("train", "--data", str(char_data), "--out", str(tmp_path / "run"), *TINY, *extra, check=False)
@@ -216,12 +220,13 @@ def test_non_integer_option_is_one_clear_line(char_data: Path) -> None:
 
 # --- --time-budget ---------------------------------------------------------------------------
 
-BUDGET = 8.0  # seconds: a loaded 2-core machine spends up to ~4.6 s of it starting up (torch and dynamo imports)
+BUDGET = 8.0  # seconds: a busy 2-core machine spends up to ~5.4 s of it starting up (torch and dynamo imports)
 # The budget counts from the CLI's import (cli.STARTED), so the interpreter's start before it (~0.2 s) and its exit
-# after the summary (~0.3-0.8 s, torch's teardown) fall outside it. Measured overruns of the process's wall time:
-# 0.3-1.2 s on 2 shared CPU cores; 2.5 s leaves room for a busier machine, and still catches a final evaluation or
-# save that the budget forgot (those belong inside it).
-OUTSIDE_BUDGET = 2.5
+# after the summary (~0.3-0.8 s, torch's teardown) fall outside it. Measured overruns of the process's wall time on
+# 2 CPU cores shared with other work: 0.3-1.2 s for one run, 1.8-2.3 s for three at once. 3 s leaves room for that;
+# what it catches is a run that overshoots by seconds (a budget counted from after start-up, a final evaluation of
+# the whole split that the budget forgot).
+OUTSIDE_BUDGET = 3.0
 PEAK_LR = 3e-3
 
 
@@ -234,10 +239,12 @@ class BudgetRun:
 
 
 def budget_run(data: Path, out: Path, *extra: str) -> BudgetRun:
-    """A run that only the budget can end (390 epochs), with a warmup far longer than it, logging every step."""
+    """A run that only the budget can end (390 epochs), with a warmup far longer than it, logging every step.
+    --eval-tokens 0: the budget sizes the evaluation (the whole split, or what fits a tenth of it)."""
     began = time.monotonic()
     result = microgpt("train", "--data", data, "--out", out, *TINY, "--log-interval", "1", "--eval-interval", "100000",
-                      "--time-budget", BUDGET, "--warmup-steps", "100000", "--lr", PEAK_LR, *extra)
+                      "--eval-tokens", "0", "--time-budget", BUDGET, "--warmup-steps", "100000", "--lr", PEAK_LR,
+                      *extra)
     wall = time.monotonic() - began
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return BudgetRun(out, wall, result.stderr, rows)
@@ -253,10 +260,10 @@ def test_time_budget_ends_the_run_in_time_with_a_final_evaluation(flat_budget_ru
     run, rows = flat_budget_run, flat_budget_run.rows
     assert run.wall < BUDGET + OUTSIDE_BUDGET, f"{run.wall:.1f} s for a {BUDGET} s budget"
     assert rows and all(row["elapsed"] <= BUDGET for row in rows)
-    # Ended by the budget: far fewer steps than 390 epochs, and said so.
-    assert "ended by time budget" in run.stderr
+    # Ended by the budget, far short of 390 epochs, and said so.
+    assert "ended by time budget" in run.stderr and rows[-1]["epoch"] < 1
     last = torch.load(run.out / "last.pt", weights_only=True)
-    assert last["step"] == rows[-1]["step"] < training.MAX_STEPS and last["elapsed"] <= BUDGET
+    assert last["step"] == rows[-1]["step"] and last["elapsed"] <= BUDGET
     # The final evaluation happened and was saved.
     assert "val_loss" in rows[-1] and last["metrics"]["val_loss"] == rows[-1]["val_loss"]
     assert (run.out / "best.pt").is_file()
@@ -272,16 +279,14 @@ def test_time_budget_ends_warmup_by_time(flat_budget_run: BudgetRun) -> None:
     assert all(row["lr"] <= PEAK_LR * (1 + 1e-9) for row in rows)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the LR schedule counts the CLI's start-up (torch and dynamo imports, ~2-4 s) as training time: a short budget "
-    "starts training already decayed (~0.7 of the peak with an 8 s budget) and never reaches the peak"))
 def test_time_budget_reaches_the_peak_lr_with_the_default_decay(char_data: Path, tmp_path: Path) -> None:
     rows = budget_run(char_data, tmp_path / "run").rows
     assert rows, "the budget left no time to train"
     highest = max(row["lr"] for row in rows)
-    # Warmup (a tenth of the budget) ends at cos(0.1 pi) of the cosine decay: 0.978 of the peak; the steps just
-    # before it log up to ~0.99.
-    assert highest >= 0.97 * PEAK_LR, f"LR peaked at {highest / PEAK_LR:.3f} of --lr; first step {rows[0]['elapsed']:.1f} s into the budget"
+    # Warmup (a tenth of the budget) ends at the peak, where the decay over the rest begins; the steps around
+    # that moment log within a few percent of it.
+    assert highest >= 0.975 * PEAK_LR, (f"LR peaked at {highest / PEAK_LR:.3f} of --lr; the first step ended "
+                                        f"{rows[0]['elapsed']:.1f} s into the budget")
 
 
 def test_lr_warmup_ends_by_time_under_a_budget() -> None:
@@ -294,11 +299,13 @@ def test_lr_warmup_ends_by_time_under_a_budget() -> None:
     assert lr_factor(5, total, cfg, elapsed=0.0) == pytest.approx(6 / 100_000)  # by steps, while time is short
     assert lr_factor(5, total, cfg, elapsed=5.0) == pytest.approx(0.5)  # 5 s of the 10 s warmup (a tenth)
     assert lr_factor(5, total, cfg, elapsed=9.99) == pytest.approx(0.999)
-    assert lr_factor(5, total, cfg, elapsed=10.0) == pytest.approx(decayed(0.1))  # warmup over, decaying by time
+    assert lr_factor(5, total, cfg, elapsed=10.0) == pytest.approx(1.0)  # warmup over at the peak: no jump
+    assert lr_factor(5, total, cfg, elapsed=55.0) == pytest.approx(decayed(0.5))  # decaying over the other 90 s
     assert lr_factor(5, total, cfg, elapsed=100.0) == pytest.approx(0.1)
     # `budget` (the share left to training) is what the schedule spans, warmup included.
     assert lr_factor(5, total, cfg, elapsed=2.5, budget=50) == pytest.approx(0.5)
-    assert lr_factor(5, total, cfg, elapsed=5.0, budget=50) == pytest.approx(decayed(0.1))
+    assert lr_factor(5, total, cfg, elapsed=5.0, budget=50) == pytest.approx(1.0)
+    assert lr_factor(5, total, cfg, elapsed=27.5, budget=50) == pytest.approx(decayed(0.5))
     # No budget: time plays no part.
     assert lr_factor(5, total, replace(cfg, time_budget=0), elapsed=50.0, budget=50) == pytest.approx(6 / 100_000)
     assert all(0 < lr_factor(5, total, cfg, elapsed=t / 10) <= 1 for t in range(1001))
