@@ -22,8 +22,8 @@ import torch
 from microgpt_cli.config import ModelConfig, TrainConfig
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.files import atomic_write
-from microgpt_cli.model import GPT
-from microgpt_cli.tokenizer import Tokenizer, from_spec
+from microgpt_cli.model import GPT, count_params
+from microgpt_cli.tokenizer import Tokenizer, check_spec, from_spec
 
 FORMAT_VERSION = 1
 RUN_FILES = ("best.pt", "last.pt")  # a run dir's checkpoints, in the order `resolve_path` prefers them
@@ -120,6 +120,10 @@ class Checkpoint:
 
     def build_model(self) -> GPT:
         """The model rebuilt from the stored config, never from CLI flags."""
+        expected = count_params(self.model_config)
+        if expected != self.num_params:  # checked before building: the config may claim a huge model
+            raise MicroGPTError(f"checkpoint weights do not match its model config: the config makes "
+                                f"{expected:,} parameters, the weights hold {self.num_params:,}")
         try:
             model = GPT(self.model_config)
             model.load_state_dict(self.model)
@@ -140,26 +144,68 @@ class Checkpoint:
 
     @classmethod
     def from_dict(cls, state: object, path: Path) -> Checkpoint:
+        """The checkpoint in a loaded file's dict, every field checked for its type: a damaged or
+        foreign file is one clear error here, never a crash in whatever reads it later."""
         if not isinstance(state, dict) or any(k not in state for k in _REQUIRED):
             raise MicroGPTError(f"{path} is not a microgpt checkpoint (missing model, config or tokenizer)")
-        if state["version"] != FORMAT_VERSION:
-            raise MicroGPTError(
-                f"{path} has checkpoint format version {state['version']}; "
-                f"this microgpt reads version {FORMAT_VERSION}")
+        version = state["version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
+            shown = version if isinstance(version, int) else type(version).__name__
+            raise MicroGPTError(f"{path} has checkpoint format version {shown}; this microgpt reads version "
+                                f"{FORMAT_VERSION}")
         try:
+            for key in ("model_config", "tokenizer", "train_config", "data", "metrics"):
+                _check_plain(state.get(key, {}), key, dict)
+            metrics = state.get("metrics", {}).values()
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics):
+                raise ValueError("metrics must be numbers")
+            inputs = state.get("data", {}).get("inputs", [])
+            if not isinstance(inputs, list) or not all(isinstance(i, (str, type(None))) for i in inputs):
+                raise ValueError("data inputs must be a list of sha256 strings")
+            if not isinstance(state["model"], dict) or not all(
+                    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+                raise ValueError("its weights are not all named tensors")
             model_config = ModelConfig(**state["model_config"])
             training = None
             if "optimizer" in state:
-                training = TrainingState(list(state["optimizer"]), int(state["step"]), float(state["elapsed"]),
-                                         float(state["best_val"]), int(state["world_size"]))
+                training = TrainingState(list(state["optimizer"]), _number(state["step"], int),
+                                         _number(state["elapsed"], float), _number(state["best_val"], float),
+                                         _number(state["world_size"], int))
             checkpoint = cls(dict(state["model"]), model_config, dict(state["tokenizer"]),
-                             dict(state.get("train_config") or {}), dict(state.get("data") or {}),
-                             dict(state.get("metrics") or {}), training)
+                             dict(state.get("train_config", {})), dict(state.get("data", {})),
+                             dict(state.get("metrics", {})), training)
+            check_spec(checkpoint.tokenizer)
+            if checkpoint.train_config:
+                TrainConfig(**checkpoint.train_config)
         except (TypeError, ValueError, KeyError, MicroGPTError) as exc:
-            raise MicroGPTError(f"{path} is not a valid microgpt checkpoint: {exc}") from None
-        if not all(isinstance(v, torch.Tensor) for v in checkpoint.model.values()):
-            raise MicroGPTError(f"{path} is not a valid microgpt checkpoint: its weights are not all tensors")
+            # The stored settings' field names (n_layer), not flags: the file is wrong, not the command.
+            raise MicroGPTError(f"{path} is not a valid microgpt checkpoint: {exc}".splitlines()[0][:400]) from None
         return checkpoint
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(value: object, name: str, kind: type = object) -> None:
+    """Refuse anything but JSON-like values (strings, numbers, lists, dicts) where settings belong."""
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be a {kind.__name__}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{name} has a key that is not a string")
+            _check_plain(item, f"{name}.{key}")
+    elif isinstance(value, list):
+        for item in value:
+            _check_plain(item, name)
+    elif not isinstance(value, _PLAIN):
+        raise ValueError(f"{name} holds a {type(value).__name__}, not a plain value")
+
+
+def _number(value: object, kind: type[int] | type[float]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ValueError(f"its training state holds {type(value).__name__} where a number belongs")
+    return kind(value)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -191,7 +237,9 @@ def _check_integrity(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+        # NotImplementedError and RuntimeError: damaged header fields that claim a zip version,
+        # compression or encryption zipfile does not do.
         raise MicroGPTError(f"{path} is not a readable checkpoint (truncated or corrupted?): {exc}") from None
     if bad is not None:
         raise MicroGPTError(f"{path} is corrupted: record {bad} fails its checksum; use another checkpoint "

@@ -576,4 +576,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _error_line(label: str, message: str, color: str = "red") -> None:
+    # One line, whatever a message quotes (a file name or an option value may hold a line break).
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     stderr.print(f"[bold {color}]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)

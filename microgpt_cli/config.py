@@ -27,6 +27,14 @@ OptimizerName = Literal["adamw", "muon"]
 DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d{1,3})?)")
 MAX_SEED = 2**63 - 1  # the largest integer a TOML file (and config.toml) can hold
 MAX_THREADS = 1024  # far above any CPU; OpenMP crashes when asked for ~100,000
+# Upper bounds far past any real use, which keep every setting inside what torch, numpy and the
+# schedule can represent: an lr of 1e308 overflows float32, n_layer 4e18 would build blocks forever.
+MODEL_LIMITS = {"vocab_size": 2**32, "n_layer": 1024, "n_head": 1024, "n_embed": 65_536, "context": 2**20}
+TRAIN_LIMITS = {
+    "epochs": 1e12, "max_steps": 10**15, "time_budget": 1e9, "batch_size": 2**20, "grad_accum": 2**20, "lr": 1e30,
+    "muon_lr": 1e30, "weight_decay": 1e3, "grad_clip": 1e30, "warmup_steps": 10**15, "eval_interval": 10**15,
+    "eval_tokens": 2**62, "log_interval": 10**15, "seed": MAX_SEED, "threads": MAX_THREADS,
+}
 
 
 class InvalidSetting(MicroGPTError):
@@ -66,17 +74,34 @@ def _validate(obj: object) -> None:
     hints = get_type_hints(type(obj))
     for f in fields(obj):  # type: ignore[arg-type]
         value, hint = getattr(obj, f.name), hints[f.name]
+        if type(None) in get_args(hint):  # X | None
+            if value is None:
+                continue
+            hint = next(arg for arg in get_args(hint) if arg is not type(None))
         if get_origin(hint) is Literal:
             choices = get_args(hint)
-            _require(value in choices, f"{f.name} must be one of {', '.join(choices)}, got {value!r}", f.name)
+            _require(isinstance(value, str) and value in choices,
+                     f"{f.name} must be one of {', '.join(choices)}, got {_shown(value)}", f.name)
         elif hint is float:
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                     f"{f.name} must be a finite number, got {value!r}", f.name)
+                     f"{f.name} must be a finite number, got {_shown(value)}", f.name)
         elif hint is int:
             _require(isinstance(value, int) and not isinstance(value, bool),
-                     f"{f.name} must be an integer, got {value!r}", f.name)
+                     f"{f.name} must be an integer, got {_shown(value)}", f.name)
         elif hint is bool:
-            _require(isinstance(value, bool), f"{f.name} must be true or false, got {value!r}", f.name)
+            _require(isinstance(value, bool), f"{f.name} must be true or false, got {_shown(value)}", f.name)
+        elif hint is str:
+            _require(isinstance(value, str), f"{f.name} must be a string, got {_shown(value)}", f.name)
+
+
+def is_text(value: str) -> bool:
+    """Whether a string is valid Unicode: command-line arguments that are not UTF-8 reach Python as
+    lone surrogates, which no encoder (tokenizers, stdout) accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -87,6 +112,18 @@ def _positive(obj: object, *names: str) -> None:
 def _not_negative(obj: object, *names: str) -> None:
     for name in names:
         _require(getattr(obj, name) >= 0, f"{name} must not be negative, got {getattr(obj, name)}", name)
+
+
+def _at_most(obj: object, limits: dict[str, float]) -> None:
+    for name, limit in limits.items():
+        value = getattr(obj, name)
+        _require(value <= limit, f"{name} must be at most {limit:,}, got {value:,}", name)
+
+
+def _shown(value: object) -> str:
+    """A value for a one-line message: its repr, or its type where the repr is long or multi-line."""
+    text = repr(value)
+    return text if len(text) <= 60 and "\n" not in text else f"a {type(value).__name__}"
 
 
 @dataclass
@@ -111,6 +148,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _validate(self)
         _positive(self, "vocab_size", "n_layer", "n_head", "n_embed", "context")
+        _at_most(self, MODEL_LIMITS)
         _require(self.n_embed % self.n_head == 0,
                  f"n_embed ({self.n_embed}) must be divisible by n_head ({self.n_head})", "n_embed", "n_head")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}", "dropout")
@@ -160,6 +198,7 @@ class TrainConfig:
         _require(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}", "seed")
         _require(0 <= self.threads <= MAX_THREADS, f"threads must be between 0 and {MAX_THREADS}, got {self.threads}",
                  "threads")
+        _at_most(self, TRAIN_LIMITS)
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
                  "min_lr_ratio")
         _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "beta1 and beta2 must be in [0, 1)",
@@ -185,6 +224,7 @@ class SamplingSettings:
     seed: int | None = setting(1337, "Random seed: the same seed gives the same text.")
 
     def __post_init__(self) -> None:
+        _validate(self)
         if not 0 <= self.length <= MAX_LENGTH:
             raise InvalidSetting(f"length must be between 0 and {MAX_LENGTH:,}, got {self.length}", "length")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # also refuses NaN
@@ -195,6 +235,8 @@ class SamplingSettings:
             raise InvalidSetting(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.stop == "":
             raise InvalidSetting("stop must not be empty", "stop")
+        if self.stop is not None and not is_text(self.stop):
+            raise InvalidSetting("stop is not valid text (it holds bytes that are not UTF-8)", "stop")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidSetting(f"seed must be between 0 and {MAX_SEED}, got {self.seed}", "seed")
 

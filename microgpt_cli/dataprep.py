@@ -136,7 +136,7 @@ def _check_options(out: Path, tokenizer: str, vocab_size: int | None, val_fracti
     if errors not in ERROR_MODES:
         raise MicroGPTError(f"--errors must be one of {', '.join(ERROR_MODES)}, got {errors!r}")
     if vocab_size is not None and tokenizer != "bpe":
-        raise MicroGPTError(f"--vocab-size only applies to --tokenizer bpe ({tokenizer} has a fixed vocabulary)")
+        raise MicroGPTError(f"--vocab-size only applies to --tokenizer bpe ({tokenizer!r} has a fixed vocabulary)")
     tok_lib.check_name(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE)
     if (out.exists() or out.is_symlink()) and not force:
         raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")

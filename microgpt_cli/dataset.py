@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.tokenizer import Tokenizer, from_spec
+from microgpt_cli.tokenizer import Tokenizer, check_spec, from_spec
 
 META_FILE = "meta.json"
 META_VERSION = 1
@@ -43,10 +43,12 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
         raise _corrupt(data_dir, f"{META_FILE} is not a JSON object")
     if meta.get("version") != META_VERSION:
         raise _corrupt(data_dir, f"{META_FILE} has version {meta.get('version')!r}, this microgpt reads {META_VERSION}")
-    if not isinstance(meta.get("tokenizer"), dict) or not isinstance(meta["tokenizer"].get("kind"), str):
-        raise _corrupt(data_dir, f"{META_FILE} has no valid tokenizer definition")
+    try:
+        check_spec(meta.get("tokenizer"))
+    except MicroGPTError as exc:
+        raise _corrupt(data_dir, f"{META_FILE} has no valid tokenizer definition ({exc})") from None
     dtype, vocab_size = meta.get("dtype"), meta.get("vocab_size")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _corrupt(data_dir, f"{META_FILE} has dtype {dtype!r}, not one of {', '.join(DTYPES)}")
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 1 <= vocab_size <= DTYPES[dtype]:
         raise _corrupt(data_dir, f"{META_FILE} has vocab_size {vocab_size!r}, not a count that {dtype} ids can hold")
@@ -58,10 +60,21 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
         size = (data_dir / f"{split}.bin").stat().st_size
         if size % itemsize:
             raise _corrupt(data_dir, f"{split}.bin has {size:,} bytes, not a whole number of {dtype} ids")
-        tokens = splits[split].get("tokens")
-        if tokens != size // itemsize:
-            raise _corrupt(data_dir, f"{split}.bin holds {size // itemsize:,} ids but {META_FILE} says {tokens!r}")
+        tokens, text_bytes = splits[split].get("tokens"), splits[split].get("bytes")
+        if tokens != size // itemsize or isinstance(tokens, bool):
+            raise _corrupt(data_dir, f"{split}.bin holds {size // itemsize:,} ids but {META_FILE} says {tokens!r}"[:300])
+        if not _count(text_bytes):
+            raise _corrupt(data_dir, f"{META_FILE} gives no byte count for the {split} split")
+    inputs = meta.get("inputs", [])
+    if not isinstance(inputs, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("path"), str) and isinstance(i.get("sha256"), str)
+            and _count(i.get("bytes")) for i in inputs):
+        raise _corrupt(data_dir, f"{META_FILE} lists its inputs in a form this microgpt does not know")
     return meta
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def data_tokenizer(meta: dict[str, Any]) -> Tokenizer:

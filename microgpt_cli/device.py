@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -31,3 +32,40 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`, or None where that cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return None
+
+
+def ensure_fits(num_params: int, bytes_per_param: int, device: torch.device, purpose: str) -> None:
+    """Refuse, in one line, a model whose tensors cannot fit in the device's free memory: allocating
+    them would fail deep inside torch, or get the process killed by the kernel."""
+    needed, free = num_params * bytes_per_param, free_memory(device)
+    if free is not None and needed > free:
+        raise MicroGPTError(
+            f"a model of {num_params:,} parameters needs about {needed / 1e9:,.1f} GB to {purpose}, more than the "
+            f"{free / 1e9:,.1f} GB free on {device}; use a smaller --n-layer, --n-embed or vocabulary")
+
+
+@contextlib.contextmanager
+def allocation_errors(num_params: int) -> Iterator[None]:
+    """Turn torch's out-of-memory errors inside the block into one clear line."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.OutOfMemoryError, and the CPU allocator's plain RuntimeError
+        if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
+            raise
+        raise MicroGPTError(f"out of memory for a model of {num_params:,} parameters: {str(exc).splitlines()[0]}; "
+                            f"use a smaller model or batch") from None

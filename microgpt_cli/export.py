@@ -60,6 +60,7 @@ def export(checkpoint_path: str | Path, out: str | Path, format: str = "hf", for
         raise MicroGPTError(
             f"{out} already exists and is not empty; pass --force to replace it or choose another --out")
     state = checkpoint.load(checkpoint_path)
+    state.build_model()  # the weights fit the config they are exported with, or a clear error
     if format == "hf":
         check_gpt2_compatible(state.model_config)
     with atomic_dir(out, force=True) as tmp:

@@ -28,8 +28,12 @@ def _file_mode() -> int:
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(file)` on a temp file beside `path`, fsync it, then rename it over `path`:
     a crash at any moment leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    created = make_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except BaseException:
+        remove_empty(created)
+        raise
     try:
         os.fchmod(fd, _file_mode())  # mkstemp makes 0600 files; the result should follow the umask like any other
         with os.fdopen(fd, "wb") as f:
@@ -39,6 +43,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        remove_empty(created)
         raise
     fsync_dir(path.parent)  # make the rename itself durable
 
@@ -95,23 +100,44 @@ def install_dir(tmp: Path, out: Path, force: bool) -> None:
 def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """A temp dir beside `out` to fill; when the block succeeds it is synced and renamed to `out`
     (replacing it only with `force`), when it fails it is removed and `out` stays as it was."""
-    make_dir(out.parent)
-    tmp = make_temp_dir(out)
+    created = make_dir(out.parent)
+    try:
+        tmp = make_temp_dir(out)
+    except BaseException:
+        remove_empty(created)
+        raise
     try:
         yield tmp
         fsync_dir(tmp)
         install_dir(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
         raise
 
 
-def make_dir(directory: Path) -> None:
-    """mkdir -p, with a clear error where a file stands in the way."""
+def make_dir(directory: Path) -> list[Path]:
+    """mkdir -p, with a clear error where a file stands in the way; returns the dirs it created,
+    outermost first, so that a command that then fails can take them back (remove_empty)."""
+    missing = []
+    for path in (directory, *directory.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing.append(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise MicroGPTError(f"cannot create dir {directory}: it, or a dir above it, is a file") from None
+    return missing[::-1]
+
+
+def remove_empty(created: list[Path]) -> None:
+    """Remove the dirs make_dir created, innermost first, as long as they are empty."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:
@@ -128,14 +154,8 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
 LOCK_FILE = ".lock"
 
 
-@contextmanager
-def dir_lock(directory: Path, purpose: str) -> Iterator[None]:
-    """Hold an exclusive lock on `directory` (creating it) for the block; a second holder gets a
-    clear error naming the first one's PID. The lock is the kernel's (flock) on DIR/.lock, so it
-    ends with its process, even on kill -9. The file is deleted on release; a process that locked
-    a file just deleted sees that the path no longer names it, and takes the new one instead."""
-    make_dir(directory)
-    lock_path = directory / LOCK_FILE
+def _acquire(lock_path: Path, directory: Path, purpose: str) -> int:
+    """An open descriptor of `lock_path` holding its exclusive flock (see dir_lock)."""
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, _file_mode())
         try:
@@ -146,12 +166,27 @@ def dir_lock(directory: Path, purpose: str) -> Iterator[None]:
             raise MicroGPTError(f"{directory} is in use by another {purpose} (PID {holder}); wait for it to "
                                 f"finish or choose another dir") from None
         try:
-            current = os.stat(lock_path).st_ino
+            current: int | None = os.stat(lock_path).st_ino
         except FileNotFoundError:
             current = None
         if current == os.fstat(fd).st_ino:
-            break
+            return fd
         os.close(fd)  # the holder released and deleted it between our open and flock: try again
+
+
+@contextmanager
+def dir_lock(directory: Path, purpose: str) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (creating it) for the block; a second holder gets a
+    clear error naming the first one's PID. The lock is the kernel's (flock) on DIR/.lock, so it
+    ends with its process, even on kill -9. The file is deleted on release; a process that locked
+    a file just deleted sees that the path no longer names it, and takes the new one instead."""
+    created = make_dir(directory)
+    lock_path = directory / LOCK_FILE
+    try:
+        fd = _acquire(lock_path, directory, purpose)
+    except BaseException:
+        remove_empty(created)
+        raise
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
@@ -159,3 +194,4 @@ def dir_lock(directory: Path, purpose: str) -> Iterator[None]:
     finally:
         lock_path.unlink(missing_ok=True)  # while still held, so no one else holds this file
         os.close(fd)
+        remove_empty(created)  # a run that failed before writing anything leaves no empty dir behind

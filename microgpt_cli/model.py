@@ -33,6 +33,21 @@ def block_param(layer: int, name: str) -> str:
     return f"blocks.{layer}.{name}"
 
 
+def count_params(config: ModelConfig) -> int:
+    """The parameters GPT(config) has, counted without building it, so that a size that cannot fit
+    in memory is refused before any allocation."""
+    c, v, bias = config.n_embed, config.vocab_size, int(config.bias)
+    norm = c * (2 if config.norm == "layernorm" and config.bias else 1)
+    attention = (3 * c * c + 3 * c * bias) + (c * c + c * bias)
+    mlp = (4 * c * c + 4 * c * bias) + (4 * c * c + c * bias)
+    total = v * c + config.n_layer * (2 * norm + attention + mlp) + norm
+    if config.position == "learned":
+        total += config.context * c
+    if not config.tie_weights:
+        total += v * c
+    return total
+
+
 class KVCache(Protocol):
     """What attention needs from an inference cache; the implementation lives in sampling.py."""
 

@@ -7,6 +7,7 @@ needed, no global backend is switched, and a plot drawn during training leaks no
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,24 @@ class Curves:
         return self.tokens[self.steps[-1]] / self.steps[-1]
 
 
+MAX_PLOTTED = 1e15  # larger numbers are damage, not measurements: matplotlib cannot lay out an axis for 1e308
+
+
+def _metrics_line(line: str) -> dict[str, float] | None:
+    """The numbers of one metrics.jsonl line, or None for a line that is not a whole, sane entry."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or "step" not in entry or "train_loss" not in entry:
+        return None
+    numbers = {k: entry[k] for k in ("step", "train_loss", "val_loss", "tokens", "elapsed") if k in entry}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < MAX_PLOTTED
+               for v in numbers.values()):
+        return None
+    return {k: float(v) for k, v in numbers.items()}
+
+
 def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
     """The curves in RUN_DIR/metrics.jsonl. A line being written right now (or cut by a crash)
     is skipped rather than failing the plot."""
@@ -59,20 +78,20 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
     if not path.is_file():
         raise MicroGPTError(f"{run_dir} has no {METRICS_FILE}; is it a `microgpt train --out` dir?")
     curves = Curves(name or run_dir.resolve().name)
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-            step, train = int(entry["step"]), float(entry["train_loss"])
-        except (ValueError, KeyError, TypeError):
+    # A crash can cut a line inside a character, so undecodable bytes only spoil their own line.
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        entry = _metrics_line(line)
+        if entry is None:
             continue
+        step = int(entry["step"])
         curves.steps.append(step)
-        curves.train.append(train)
+        curves.train.append(entry["train_loss"])
         if "val_loss" in entry:
             curves.val_steps.append(step)
-            curves.val.append(float(entry["val_loss"]))
+            curves.val.append(entry["val_loss"])
         if "tokens" in entry:
             curves.tokens[step] = int(entry["tokens"])
-        curves.seconds[step] = float(entry.get("elapsed", 0.0))
+        curves.seconds[step] = entry.get("elapsed", 0.0)
     return curves
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microgpt_cli.config import ModelConfig, SamplingSettings
+from microgpt_cli.config import ModelConfig, SamplingSettings, is_text
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer
@@ -184,6 +184,8 @@ class Detokenizer:
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """The ids generation starts from; an empty prompt starts from a document boundary."""
+    if not is_text(text):
+        raise MicroGPTError("the prompt is not valid text (it holds bytes that are not UTF-8); pass UTF-8 text")
     if text:
         return tokenizer.encode(text)
     if tokenizer.kind == "gpt2":

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import tiktoken
 
+from microgpt_cli.config import is_text
 from microgpt_cli.errors import MicroGPTError
 
 # The sha256 that tiktoken itself checks for the GPT-2 files (tiktoken_ext/openai_public.py).
@@ -156,23 +157,43 @@ def _tiktoken_encoding(name: str) -> tiktoken.Encoding:
         ) from exc
 
 
+_SPEC_FIELDS: dict[str, dict[str, type]] = {  # the fields each kind needs, and their types
+    "gpt2": {}, "tiktoken": {"name": str}, "char": {"chars": str}, "bpe": {"name": str, "pattern": str, "tokens": list},
+}
+
+
+def check_spec(spec: object) -> None:
+    """Check a tokenizer definition's kind and field types, without building it (which for some
+    kinds needs files or the network)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or spec["kind"] not in _SPEC_FIELDS:
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        raise MicroGPTError(f"invalid tokenizer definition: unknown kind {str(kind)[:40]!r}")
+    kind = spec["kind"]
+    for name, wanted in _SPEC_FIELDS[kind].items():
+        if not isinstance(spec.get(name), wanted):
+            raise MicroGPTError(f"invalid {kind} tokenizer definition: {name} must be a {wanted.__name__}")
+    if "name" in spec and not isinstance(spec["name"], str):
+        raise MicroGPTError(f"invalid {kind} tokenizer definition: name must be a str")
+
+
 def from_spec(spec: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from the definition saved in meta.json or a checkpoint."""
+    check_spec(spec)
+    kind = spec["kind"]
     try:
-        kind = spec["kind"]
         if kind == "gpt2":
             return Tokenizer(spec, encoding=_gpt2_encoding())
         if kind == "tiktoken":
             return Tokenizer(spec, encoding=_tiktoken_encoding(spec["name"]))
         if kind == "char":
+            if not is_text(spec["chars"]) or len(set(spec["chars"])) != len(spec["chars"]):
+                raise ValueError("chars must be distinct Unicode characters")
             return Tokenizer(spec, chars=spec["chars"])
-        if kind == "bpe":
-            ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["tokens"])}
-            encoding = tiktoken.Encoding(name="bpe", pat_str=spec["pattern"], mergeable_ranks=ranks, special_tokens={})
-            return Tokenizer(spec, encoding=encoding)
+        ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["tokens"])}
+        encoding = tiktoken.Encoding(name="bpe", pat_str=spec["pattern"], mergeable_ranks=ranks, special_tokens={})
+        return Tokenizer(spec, encoding=encoding)
     except (KeyError, TypeError, ValueError) as exc:
-        raise MicroGPTError(f"invalid tokenizer definition: {exc}") from exc
-    raise MicroGPTError(f"unknown tokenizer kind {kind!r}")
+        raise MicroGPTError(f"invalid {kind} tokenizer definition: {str(exc)[:200]}".splitlines()[0]) from None
 
 
 def needs_corpus(name: str) -> bool:

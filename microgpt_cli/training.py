@@ -29,7 +29,7 @@ from microgpt_cli import checkpoint, distributed
 from microgpt_cli.checkpoint import RUN_FILES, Checkpoint, TrainingState
 from microgpt_cli.config import CONFIG_FILE, ModelConfig, TrainConfig, resume_settings, save_config
 from microgpt_cli.dataset import Batches, data_fingerprint, data_tokenizer, open_split, read_meta
-from microgpt_cli.device import autocast, resolve_device
+from microgpt_cli.device import allocation_errors, autocast, ensure_fits, resolve_device
 from microgpt_cli.errors import Interrupted, MicroGPTError
 from microgpt_cli.evaluation import split_loss
 from microgpt_cli.events import (
@@ -44,7 +44,7 @@ from microgpt_cli.events import (
     StepDone,
 )
 from microgpt_cli.files import atomic_write, dir_lock, remove_stale_temp_files
-from microgpt_cli.model import GPT
+from microgpt_cli.model import GPT, count_params
 from microgpt_cli.optim import build_optimizers, lr_factor
 from microgpt_cli.plot import LOSS_PLOT, save_loss_plot
 from microgpt_cli.tokenizer import Tokenizer
@@ -54,6 +54,7 @@ EVAL_SHARE = 0.1  # under --time-budget, one evaluation may take at most this sh
 FORWARD_SHARE = 1 / 3  # a forward pass's share of a training step, to predict an evaluation's time
 SAVE_BYTES_PER_SEC = 300e6  # a conservative disk speed, to predict a save before one is timed
 MAX_STEPS = 10**15  # a step count no run reaches; caps --epochs 1e300
+BYTES_PER_TRAINED_PARAM = 16  # fp32 weights, gradients and AdamW's two moments (activations come on top)
 _DISCARD = ".discard"  # where a new run moves the previous one's files before deleting them
 
 
@@ -172,14 +173,20 @@ def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, 
             f"({len(val_tokens)} tokens); use a smaller --context or a larger --val-fraction in prepare"
         )
     batches = Batches(train_tokens, model_config.context, cfg.batch_size, cfg.seed, world.rank, world.size)
+    if cfg.grad_accum > batches.per_epoch:
+        raise MicroGPTError(f"--grad-accum {cfg.grad_accum} asks for more micro-batches per step than one epoch "
+                            f"holds ({batches.per_epoch:,}); lower --grad-accum or --batch-size")
     device = _device_for(world, cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     total_steps, steps_per_epoch = planned_steps(cfg, batches)
 
+    params = count_params(model_config)
+    ensure_fits(params, BYTES_PER_TRAINED_PARAM, device, "train")
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    model = GPT(model_config).to(device)
-    optimizers = build_optimizers(model, cfg, device)
+    with allocation_errors(params):
+        model = GPT(model_config).to(device)
+        optimizers = build_optimizers(model, cfg, device)
     run = Run(cfg, model_config, out, world, device, tokenizer, fingerprint, model, optimizers, batches,
               val_tokens, total_steps, steps_per_epoch, changes=changes)
     if saved is not None:
@@ -255,7 +262,7 @@ class RunFiles:
     def _trim_metrics(self, last_step: int) -> None:
         if self.metrics_path.exists():
             kept = []
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            for line in self.metrics_path.read_bytes().decode("utf-8", "replace").splitlines():
                 try:
                     if json.loads(line)["step"] <= last_step:
                         kept.append(line)
@@ -273,7 +280,7 @@ class RunFiles:
     def plot(self) -> None:
         """Redraw loss.png; a plot that cannot be written is not worth stopping a run for."""
         if self.active and self.owned:
-            with contextlib.suppress(OSError, MicroGPTError):
+            with contextlib.suppress(OSError, ValueError, MicroGPTError):
                 save_loss_plot(self.out)
 
     def save(self, name: str, run: Run, metrics: Metrics, resumable: bool) -> None:
