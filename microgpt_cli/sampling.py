@@ -30,6 +30,7 @@ from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer
 
 GPT2_END_OF_TEXT = 50256
+GREEDY_BELOW = 1e-30  # temperatures under this sample as 0 does: float32 cannot divide by much less
 
 
 _DEFAULTS = SamplingSettings()
@@ -128,9 +129,11 @@ def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Next token ids (B, 1) from logits (B, vocab)."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:  # 0, or so small that it is greedy in all but float32 overflow
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others
+    # to -inf (greedy in the limit) instead of overflowing every logit to inf and softmax to NaN.
+    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -139,6 +142,7 @@ def sample_next(
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token once the likelier ones before it already cover top_p; the likeliest always stays.
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop[:, 0] = False  # even where top_p rounds to 0 in float32
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator)
 

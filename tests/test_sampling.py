@@ -213,3 +213,16 @@ def test_decoding_copy_is_made_once_and_matches_the_model() -> None:
     idx = torch.randint(0, 40, (2, 16))
     with torch.no_grad():
         assert torch.allclose(model(idx), fast(idx), atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1.1e-308, top_k=5, top_p=1.0), dict(temperature=1e-31, top_k=None,
+                                                                                       top_p=1.0),
+                                     dict(temperature=1.0, top_k=None, top_p=1e-320), dict(temperature=1e308, top_k=3,
+                                                                                          top_p=1e-30)])
+def test_extreme_sampling_settings_still_pick_a_real_token(options: dict) -> None:
+    """Found by fuzzing: a temperature or top-p that float32 rounds to 0 used to give NaN probabilities."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9, 0.0]])
+    token = sample_next(logits, generator=torch.Generator().manual_seed(0), **options)
+    assert token.shape == (1, 1)
+    if options["temperature"] < 1 or options["top_p"] < 1e-3:
+        assert token.item() == 1  # greedy in the limit: the likeliest token
