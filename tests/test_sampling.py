@@ -223,6 +223,6 @@ def test_extreme_sampling_settings_still_pick_a_real_token(options: dict) -> Non
     """Found by fuzzing: a temperature or top-p that float32 rounds to 0 used to give NaN probabilities."""
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.9, 0.0]])
     token = sample_next(logits, generator=torch.Generator().manual_seed(0), **options)
-    assert token.shape == (1, 1)
-    if options["temperature"] < 1 or options["top_p"] < 1e-3:
+    assert token.shape == (1, 1) and 0 <= token.item() < 5
+    if options["temperature"] <= 1:
         assert token.item() == 1  # greedy in the limit: the likeliest token
