@@ -7,6 +7,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -114,7 +115,7 @@ def _not_negative(obj: object, *names: str) -> None:
         _require(getattr(obj, name) >= 0, f"{name} must not be negative, got {getattr(obj, name)}", name)
 
 
-def _at_most(obj: object, limits: dict[str, float]) -> None:
+def _at_most(obj: object, limits: Mapping[str, float]) -> None:
     for name, limit in limits.items():
         value = getattr(obj, name)
         _require(value <= limit, f"{name} must be at most {limit:,}, got {value:,}", name)

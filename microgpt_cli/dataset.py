@@ -62,7 +62,8 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
             raise _corrupt(data_dir, f"{split}.bin has {size:,} bytes, not a whole number of {dtype} ids")
         tokens, text_bytes = splits[split].get("tokens"), splits[split].get("bytes")
         if tokens != size // itemsize or isinstance(tokens, bool):
-            raise _corrupt(data_dir, f"{split}.bin holds {size // itemsize:,} ids but {META_FILE} says {tokens!r}"[:300])
+            said = repr(tokens)[:40]
+            raise _corrupt(data_dir, f"{split}.bin holds {size // itemsize:,} ids but {META_FILE} says {said}")
         if not _count(text_bytes):
             raise _corrupt(data_dir, f"{META_FILE} gives no byte count for the {split} split")
     inputs = meta.get("inputs", [])

@@ -62,9 +62,12 @@ def test_char_on_shakespeare_is_nanogpt_like_and_lossless(shakespeare: Path, tmp
     tok = T.from_spec(meta["tokenizer"])
     assert tok.decode(train) + tok.decode(val) == text and tok.decode(val).startswith(text[len(train):len(train) + 1])
     assert text[len(train) - 1] == "\n"
-    assert meta["splits"] == {"train": {"tokens": len(train), "bytes": len(train)}, "val": {"tokens": len(val), "bytes": len(val)}}
-    assert meta["inputs"] == [{"path": str(shakespeare), "sha256": hashlib.sha256(text.encode()).hexdigest(), "bytes": len(text)}]
-    assert meta["version"] == 1 and meta["val_fraction"] == 0.1 and meta["chars_per_token"] == 1.0 and meta["seconds"] >= 0
+    assert meta["splits"] == {"train": {"tokens": len(train), "bytes": len(train)},
+                              "val": {"tokens": len(val), "bytes": len(val)}}
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    assert meta["inputs"] == [{"path": str(shakespeare), "sha256": digest, "bytes": len(text)}]
+    assert meta["version"] == 1 and meta["val_fraction"] == 0.1 and meta["chars_per_token"] == 1.0
+    assert meta["seconds"] >= 0
     assert totals == [2 * len(text)] and seen[-1] == totals[0] and seen == sorted(seen)  # two passes
     assert data_fingerprint(meta)["inputs"] == [meta["inputs"][0]["sha256"]]
     assert leftovers(tmp_path) == []
@@ -212,14 +215,16 @@ def test_cli_end_to_end_with_stdin_directory_and_force(
     meta, train, val = splits(tmp_path / "data")  # the default --out
     assert [i["path"] for i in meta["inputs"]] == ["-", str(Path("docs") / "one.txt")]
     assert meta["inputs"][0]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
-    assert len(train) + len(val) == len(text) + 50 * 18 and sorted(os.listdir(tmp_path / "data")) == ["meta.json", "train.bin", "val.bin"]
+    assert len(train) + len(val) == len(text) + 50 * 18
+    assert sorted(os.listdir(tmp_path / "data")) == ["meta.json", "train.bin", "val.bin"]
 
     monkeypatch.chdir(tmp_path)  # the same entry point in-process, sparing a second torch import
     with pytest.raises(SystemExit) as exited:
         cli.main(["prepare", str(shakespeare), "--force", "--val-fraction", "0.5"])
     assert exited.value.code == 0, capsys.readouterr().err
     meta, train, val = splits(tmp_path / "data")
-    assert meta["tokenizer"] == {"kind": "gpt2"} and meta["val_fraction"] == 0.5 and abs(len(train) - len(val)) < 0.1 * len(val)
+    assert meta["tokenizer"] == {"kind": "gpt2"} and meta["val_fraction"] == 0.5
+    assert abs(len(train) - len(val)) < 0.1 * len(val)
     assert leftovers(tmp_path) == []
 
 
@@ -287,13 +292,14 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(
     with pytest.raises(SystemExit) as exited:
         cli.main(["prepare", *args])
     out, err = capsys.readouterr()
-    assert_one_error_line(exited.value.code, out, err, fragment, bad_inputs)
+    assert_one_error_line(int(exited.value.code or 0), out, err, fragment, bad_inputs)
 
 
 def test_bad_input_in_a_real_process_is_one_clear_line(bad_inputs: Path) -> None:
     names = ["invalid utf-8", "output exists"]  # one found while streaming, one before any work
     with ThreadPoolExecutor(len(names)) as pool:
-        runs = list(pool.map(lambda name: microgpt("prepare", *BAD_INPUTS[name][0], cwd=bad_inputs, check=False), names))
+        runs = list(pool.map(lambda name: microgpt("prepare", *BAD_INPUTS[name][0], cwd=bad_inputs, check=False),
+                             names))
     for name, run in zip(names, runs):
         assert_one_error_line(run.returncode, run.stdout, run.stderr, BAD_INPUTS[name][1], bad_inputs)
 

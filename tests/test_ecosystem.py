@@ -6,22 +6,19 @@ Run `python tests/test_ecosystem.py` to rewrite the README's reference tables fr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-import os
 import re
-import subprocess
-import sys
+from collections.abc import Callable
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
 from microgpt_cli import checkpoint
-from microgpt_cli.cli import app, main
+from microgpt_cli.cli import app
 from microgpt_cli.config import ModelConfig, TrainConfig, read_toml, save_config
-from microgpt_cli.dataprep import prepare
 from microgpt_cli.export import load_safetensors_export
 from microgpt_cli.info import describe
 from microgpt_cli.model import GPT
@@ -29,19 +26,11 @@ from microgpt_cli.plot import save_loss_plot
 from microgpt_cli.sampling import generate_text
 from microgpt_cli.tokenizer import from_spec
 
-from clitools import microgpt
+from clitools import microgpt, run_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 REFERENCE_START, REFERENCE_END = "<!-- reference:start -->", "<!-- reference:end -->"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    """Run `microgpt ARGS` in this process (no interpreter start-up): exit code, stdout, stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def assert_png(path: Path) -> None:
@@ -91,7 +80,7 @@ def test_saved_config_is_a_valid_config_file(tmp_path: Path, capsys: pytest.Capt
     path = save_config(tmp_path, ModelConfig(n_layer=3, vocab_size=65), TrainConfig(lr=1e-4, data="d ä\"x"))
     assert read_toml(path)["data"] == 'd ä"x' and "vocab_size" not in read_toml(path)
     # --config is processed before --help, so this checks every key without training.
-    code, out, err = cli(capsys, "train", "--config", path, "--help")
+    code, out, err = run_cli(capsys, "train", "--config", path, "--help")
     assert code == 0, err
 
 
@@ -106,10 +95,10 @@ def test_bad_config_files_are_one_clear_line(text: str, fragments: list[str], tm
                                               capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(text)
-    code, _, err = cli(capsys, "train", "--config", config, "--data", tmp_path)
+    code, _, err = run_cli(capsys, "train", "--config", config, "--data", tmp_path)
     assert code == 1 and "Traceback" not in err
     assert all(f in err for f in fragments), err
-    code, _, err = cli(capsys, "generate", "--config", tmp_path / "missing.toml")
+    code, _, err = run_cli(capsys, "generate", "--config", tmp_path / "missing.toml")
     assert code == 1 and "does not exist" in err
 
 
@@ -119,7 +108,7 @@ def test_eval_and_generate_take_config_files(run_dir: Path, small_char_data: Pat
     text.write_text("ROMEO:\nWhat light through yonder window breaks?\n")
     config = tmp_path / "eval.toml"
     config.write_text(f'checkpoint = "{run_dir}"\ndata = "{small_char_data}"\njson = true\nbatch_size = 2\n')
-    code, out, err = cli(capsys, "eval", "--config", config, "--text", text)  # --text beats the file's data
+    code, out, err = run_cli(capsys, "eval", "--config", config, "--text", text)  # --text beats the file's data
     assert code == 0, err
     assert json.loads(out)["tokens"] == len(text.read_text()) - 1
 
@@ -137,15 +126,15 @@ def test_environment_variables_set_the_default_paths(run_dir: Path, small_char_d
     monkeypatch.setenv("MICROGPT_OUT", str(run_dir))
     monkeypatch.setenv("MICROGPT_DATA", str(small_char_data))
     monkeypatch.setenv("MICROGPT_DEVICE", "cpu")
-    code, out, err = cli(capsys, "eval", "--json", "--batch-size", "64")
+    code, out, err = run_cli(capsys, "eval", "--json", "--batch-size", "64")
     assert code == 0, err
     assert json.loads(out)["tokens"] == describe(small_char_data)["splits"]["val"]["tokens"] - 1
-    code, out, err = cli(capsys, "info", "--json")
+    code, out, err = run_cli(capsys, "info", "--json")
     assert code == 0 and json.loads(out)["path"] == str(run_dir)
     monkeypatch.setenv("MICROGPT_DEVICE", "tpu")
-    code, _, err = cli(capsys, "generate", "--length", "2")
+    code, _, err = run_cli(capsys, "generate", "--length", "2")
     assert code == 1 and "tpu" in err
-    code, out, _ = cli(capsys, "eval", "--help")
+    code, out, _ = run_cli(capsys, "eval", "--help")
     assert "MICROGPT_OUT" in out and "MICROGPT_DATA" in out and "MICROGPT_DEVICE" in out
 
 
@@ -154,7 +143,7 @@ def test_environment_variables_set_the_default_paths(run_dir: Path, small_char_d
 
 def test_info_on_run_dir_checkpoint_and_data_dir(run_dir: Path, small_char_data: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = cli(capsys, "info", run_dir, "--json")
+    code, out, err = run_cli(capsys, "info", run_dir, "--json")
     assert code == 0, err
     run = json.loads(out)
     model = GPT(checkpoint.load(run_dir).model_config)
@@ -165,19 +154,20 @@ def test_info_on_run_dir_checkpoint_and_data_dir(run_dir: Path, small_char_data:
     assert set(run["checkpoints"]) == {"best.pt", "last.pt"}
     assert run["data"]["dir"] == str(small_char_data)
 
-    code, out, _ = cli(capsys, "info", run_dir / "best.pt", "--json")
+    code, out, _ = run_cli(capsys, "info", run_dir / "best.pt", "--json")
     ckpt = json.loads(out)
     assert ckpt["kind"] == "checkpoint" and ckpt["file"]["bytes"] == (run_dir / "best.pt").stat().st_size
     assert ckpt["training"]["resumable"] is False
 
-    code, out, _ = cli(capsys, "info", small_char_data, "--json")
+    code, out, _ = run_cli(capsys, "info", small_char_data, "--json")
     data = json.loads(out)
     assert data["kind"] == "data" and data["dtype"] == "uint16" and data["splits"]["train"]["tokens"] > 0
     assert data["inputs"][0]["path"].endswith("shakespeare.txt")
 
     result = microgpt("info", run_dir)  # the table, through a real process
     assert result.returncode == 0, result.stderr
-    assert "parameters" in result.stdout and "best val loss" in result.stdout and f"char ({vocab_size} tokens)" in result.stdout
+    assert "parameters" in result.stdout and "best val loss" in result.stdout
+    assert f"char ({vocab_size} tokens)" in result.stdout
 
 
 def test_info_refuses_what_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -185,7 +175,7 @@ def test_info_refuses_what_it_cannot_read(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "empty").mkdir()
     for path, fragment in ((tmp_path / "missing", "does not exist"), (tmp_path / "notes.txt", "not a checkpoint"),
                            (tmp_path / "empty", "neither a run dir")):
-        code, out, err = cli(capsys, "info", path)
+        code, out, err = run_cli(capsys, "info", path)
         assert code == 1 and fragment in err and out == "" and "Traceback" not in err
 
 
@@ -211,10 +201,10 @@ def test_plot_command_draws_several_runs(run_dir: Path, tmp_path: Path, capsys: 
     result = microgpt("plot", run_dir, other, "--out", tmp_path / "runs.png")
     assert result.returncode == 0, result.stderr
     assert_png(tmp_path / "runs.png")
-    code, _, err = cli(capsys, "plot", other, "--x", "time", "-o", tmp_path / "time.png")
+    code, _, err = run_cli(capsys, "plot", other, "--x", "time", "-o", tmp_path / "time.png")
     assert code == 0, err
     assert_png(tmp_path / "time.png")
-    code, _, err = cli(capsys, "plot", run_dir, tmp_path, "-o", tmp_path / "x.png")
+    code, _, err = run_cli(capsys, "plot", run_dir, tmp_path, "-o", tmp_path / "x.png")
     assert code == 1 and "has no metrics.jsonl" in err and not (tmp_path / "x.png").exists()
 
 
@@ -266,12 +256,13 @@ def test_export_command_writes_a_loadable_hf_dir_and_refuses_to_overwrite(
     result = microgpt("export", "-c", path, "--format", "hf", "--out", tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     assert {p.name for p in (tmp_path / "hf").iterdir()} == {
-        "config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}
+        "config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+        "special_tokens_map.json"}
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["n_positions"] == 16 and config["activation_function"] == "relu"
-    code, _, err = cli(capsys, "export", "-c", path, "--out", tmp_path / "hf")
+    code, _, err = run_cli(capsys, "export", "-c", path, "--out", tmp_path / "hf")
     assert code == 1 and "--force" in err
-    code, _, err = cli(capsys, "export", "-c", path, "--out", tmp_path / "hf", "--force", "--format", "safetensors")
+    code, _, err = run_cli(capsys, "export", "-c", path, "--out", tmp_path / "hf", "--force", "--format", "safetensors")
     assert code == 0, err
     assert not (tmp_path / "hf" / "vocab.json").exists()  # replaced whole, not merged
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
@@ -285,7 +276,7 @@ def test_hf_export_refuses_what_gpt2_cannot_express(option: str, value: object, 
                                                     make_checkpoint: Callable[..., Path], tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     path = make_checkpoint(**{option: value})
-    code, _, err = cli(capsys, "export", "-c", path, "--out", tmp_path / "hf")
+    code, _, err = run_cli(capsys, "export", "-c", path, "--out", tmp_path / "hf")
     assert code == 1 and fragment in err and "--format safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "hf").exists()
 
@@ -296,7 +287,7 @@ def test_safetensors_export_reloads_identically(tie: bool, run_dir: Path, tmp_pa
     source = run_dir
     if tie:  # the trained run is untied; a tied model stores the shared tensor once
         source, _ = _checkpoint(tmp_path / "tied.pt", {"kind": "char", "chars": "abc"}, position="rope")
-    code, _, err = cli(capsys, "export", "-c", source, "--format", "safetensors", "--out", tmp_path / "st")
+    code, _, err = run_cli(capsys, "export", "-c", source, "--format", "safetensors", "--out", tmp_path / "st")
     assert code == 0, err
     model, tokenizer = load_safetensors_export(tmp_path / "st")
     original, original_tokenizer = checkpoint.load_checkpoint(source)
@@ -326,7 +317,7 @@ def reference_markdown() -> str:
     """Tables of every command's arguments and options, generated from the Typer app."""
     import typer.main
 
-    group = typer.main.get_command(app)
+    group: Any = typer.main.get_command(app)
     parts = ["| option | description |", "|---|---|"]
     parts += [f"| `{', '.join(p.opts)}` | {_cell(p.help)} |" for p in group.params]
     for name, command in group.commands.items():

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
-from conftest import TINY_TEXT, write_data_dir
-from microgpt_cli.cli import app
 from microgpt_cli.evaluation import evaluate
 from microgpt_cli.sampling import generate_text
 from microgpt_cli.tokenizer import train_char
 
 from clitools import SHAKESPEARE, microgpt
+from conftest import TINY_TEXT, write_data_dir
+
 
 def test_eval_json_is_one_object_with_the_documented_keys(
     make_checkpoint: Callable[..., Path], data_dir: Path, tmp_path: Path
@@ -44,7 +42,8 @@ def test_eval_table_and_default_paths(make_checkpoint: Callable[..., Path], data
 
 def test_generate_writes_only_the_text_to_stdout(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
     ckpt = make_checkpoint(position="rope")
-    run = microgpt("generate", "-c", ckpt, "--prompt", "Hellö 日本", "--length", "40", "--seed", "3", cwd=tmp_path, check=False)
+    run = microgpt("generate", "-c", ckpt, "--prompt", "Hellö 日本", "--length", "40", "--seed", "3", cwd=tmp_path,
+                   check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout == generate_text(ckpt, "Hellö 日本", 40, seed=3, device="cpu") + "\n"
     assert "tokens/s" in run.stderr
@@ -61,7 +60,8 @@ def test_generate_samples_prompt_file_and_stop(make_checkpoint: Callable[..., Pa
     assert samples == [greedy] * 3
 
     stop = greedy[12:14]
-    run = microgpt("generate", "-c", ckpt, "--prompt", "The quick", "--temperature", "0", "--stop", stop, cwd=tmp_path, check=False)
+    run = microgpt("generate", "-c", ckpt, "--prompt", "The quick", "--temperature", "0", "--stop", stop,
+                   cwd=tmp_path, check=False)
     assert run.stdout == greedy[: greedy.index(stop, 9)] + "\n"
 
 
@@ -96,7 +96,7 @@ def test_bad_input_is_one_clear_line(make_checkpoint: Callable[..., Path], data_
 
 
 def test_prepare_train_eval_generate_on_shakespeare(tmp_path: Path) -> None:
-    steps = [
+    steps: list[list[object]] = [
         ["prepare", SHAKESPEARE, "--out", "data", "--tokenizer", "char"],
         ["train", "--data", "data", "--out", "out", "--n-layer", "1", "--n-embed", "32", "--n-head", "2",
          "--context", "32", "--batch-size", "8", "--max-steps", "30", "--eval-interval", "30", "--device", "cpu"],

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from microgpt_cli import checkpoint
+
 from clitools import assert_one_error_line, microgpt, run_cli
 from conftest import TINY_TEXT
-from microgpt_cli import checkpoint
 
 TINY = ["--n-layer", "1", "--n-embed", "32", "--n-head", "2", "--context", "16", "--batch-size", "4",
         "--log-interval", "5", "--eval-tokens", "200", "--device", "cpu"]
@@ -175,7 +176,8 @@ def test_info_shows_dashes_before_the_first_evaluation(tmp_path: Path, char_toke
     from conftest import tiny_model
 
     model = tiny_model(char_tokenizer.vocab_size)
-    state = checkpoint.Checkpoint.of(model, char_tokenizer, training=checkpoint.TrainingState([], 3, 1.5, float("inf"), 1))
+    training = checkpoint.TrainingState([], 3, 1.5, float("inf"), 1)  # saved before any evaluation
+    state = checkpoint.Checkpoint.of(model, char_tokenizer, training=training)
     checkpoint.save(tmp_path / "last.pt", state)
     code, out, err = run_cli(capsys, "info", tmp_path / "last.pt")
     assert code == 0, err
@@ -314,8 +316,8 @@ def test_stale_temp_files_are_cleaned_on_the_next_start(small_run: Path, data_di
 def test_run_files_follow_the_umask(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     previous = os.umask(0o027)
     try:
-        code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "run", *TINY, "--max-steps", "5",
-                               "--eval-interval", "5")
+        code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "run", *TINY,
+                               "--max-steps", "5", "--eval-interval", "5")
     finally:
         os.umask(previous)
     assert code == 0, err

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Any
 
 from rich.console import Console, Group
 
 from microgpt_cli.config import ModelConfig, TrainConfig
-from microgpt_cli.events import Evaluated, EvalProgress, Logged, Metrics, RunEnded, RunStarted, StepDone
+from microgpt_cli.events import EvalProgress, Evaluated, Logged, Metrics, RunEnded, RunStarted, StepDone
 from microgpt_cli.progress import TrainDisplay
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def started(**train: object) -> RunStarted:
+def started(**train: Any) -> RunStarted:
     return RunStarted(
         model_config=ModelConfig(vocab_size=50257), train_config=TrainConfig(**train), device="cpu", world_size=1,
         params=44_900_000, tokenizer="gpt2", vocab_size=50257, train_tokens=301_966, val_tokens=36_059,

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
-from conftest import TINY_TEXT, tiny_model
 from microgpt_cli.config import InvalidSetting
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
 from microgpt_cli.sampling import Decoder, Detokenizer, generate_text, sample_next, stream_text
 from microgpt_cli.tokenizer import Tokenizer, named, train_bpe, train_char
+
+from conftest import TINY_TEXT, tiny_model
 
 MULTILINGUAL = "Ça va? Grüße, 日本語のテキスト, emoji 🙂🚀 and ñ. "
 
@@ -161,7 +162,8 @@ def test_empty_prompt_starts_from_a_document_boundary(char_tokenizer: Tokenizer)
 def test_checkpoint_path_gives_the_same_text(make_checkpoint: Callable[..., Path], char_tokenizer: Tokenizer) -> None:
     path = make_checkpoint(position="rope")
     from_path = generate_text(path, "Hello", 30, seed=7, device="cpu")
-    assert from_path == generate_text(tiny_model(char_tokenizer.vocab_size, position="rope"), "Hello", 30, char_tokenizer, seed=7)
+    model = tiny_model(char_tokenizer.vocab_size, position="rope")
+    assert from_path == generate_text(model, "Hello", 30, char_tokenizer, seed=7)
     assert generate_text(path, "Hello", 0, device="cpu") == "Hello"
 
 

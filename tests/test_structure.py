@@ -42,7 +42,8 @@ def choices(param: Any) -> tuple[str, ...] | None:
     (ModelConfig, "train", {"vocab_size"}), (TrainConfig, "train", set()), (SamplingSettings, "generate", set()),
 ])
 def test_every_setting_is_an_option_with_the_fields_default_help_and_choices(
-        cls: type, cmd: str, skip: set[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        cls: type, cmd: str, skip: set[str], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "300")  # --help unwrapped, so that each choice list and default is on one line
     options = options_of(cmd)
     hints = get_type_hints(cls)
