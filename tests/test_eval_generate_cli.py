@@ -14,7 +14,7 @@ from microgpt_cli.evaluation import evaluate
 from microgpt_cli.sampling import generate_text
 from microgpt_cli.tokenizer import train_char
 
-from clitools import SHAKESPEARE, microgpt
+from clitools import SHAKESPEARE, microgpt, run_cli
 from conftest import TINY_TEXT, write_data_dir
 
 
@@ -65,7 +65,8 @@ def test_generate_samples_prompt_file_and_stop(make_checkpoint: Callable[..., Pa
     assert run.stdout == greedy[: greedy.index(stop, 9)] + "\n"
 
 
-def test_bad_input_is_one_clear_line(make_checkpoint: Callable[..., Path], data_dir: Path, tmp_path: Path) -> None:
+def test_bad_input_is_one_clear_line(make_checkpoint: Callable[..., Path], data_dir: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = make_checkpoint()
     (tmp_path / "truncated.pt").write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
@@ -87,12 +88,19 @@ def test_bad_input_is_one_clear_line(make_checkpoint: Callable[..., Path], data_
         "missing data dir": (["eval", "-c", ckpt, "--data", "nope"], "does not exist"),
         "tokenizer mismatch": (["eval", "-c", ckpt, "--data", other], "different char vocabulary"),
     }
-    with ThreadPoolExecutor(2) as pool:  # each run imports torch: two at a time halves the wait
-        runs = dict(zip(cases, pool.map(lambda c: microgpt(*c[0], cwd=tmp_path, check=False), cases.values())))
-    for name, run in runs.items():
-        lines = run.stderr.strip().splitlines()
-        assert run.returncode != 0 and run.stdout == "", name
-        assert len(lines) == 1 and lines[0].startswith("error:") and cases[name][1] in lines[0], (name, run.stderr)
+    # Two cases in real processes, which run the installed entry point; the rest in this process through
+    # the same entry point (a process each would spend ~2 s importing torch).
+    in_process = dict(cases)
+    with ThreadPoolExecutor(2) as pool:
+        real = {name: in_process.pop(name) for name in ("truncated checkpoint", "tokenizer mismatch")}
+        runs = dict(zip(real, pool.map(lambda c: microgpt(*c[0], cwd=tmp_path, check=False), real.values())))
+    outcomes = {name: (run.returncode, run.stdout, run.stderr) for name, run in runs.items()}
+    monkeypatch.chdir(tmp_path)
+    outcomes.update({name: run_cli(capsys, *args) for name, (args, _) in in_process.items()})
+    for name, (code, out, err) in outcomes.items():
+        lines = err.strip().splitlines()
+        assert code != 0 and out == "", name
+        assert len(lines) == 1 and lines[0].startswith("error:") and cases[name][1] in lines[0], (name, err)
 
 
 def test_prepare_train_eval_generate_on_shakespeare(tmp_path: Path) -> None:
