@@ -372,7 +372,7 @@ def _write_splits(tok: tok_lib.Tokenizer, sources: list[_Source], tmp: Path, dty
         def write_oldest() -> None:
             split, ids = in_flight.popleft()
             array = ids.result()
-            files[split].write(array.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
+            files[split].write(array.astype(np.dtype(dtype).newbyteorder("<")).data)  # no copy: the buffer itself
             splits[split]["tokens"] += len(array)
 
         for split, text, nbytes in texts:
