@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from microgpt_cli import checkpoint
 from microgpt_cli.evaluation import evaluate
+from microgpt_cli.model import GPT
 from microgpt_cli.sampling import generate_text
 from microgpt_cli.tokenizer import train_char
 
@@ -107,7 +110,8 @@ def test_prepare_train_eval_generate_on_shakespeare(tmp_path: Path) -> None:
     steps: list[list[object]] = [
         ["prepare", SHAKESPEARE, "--out", "data", "--tokenizer", "char"],
         ["train", "--data", "data", "--out", "out", "--n-layer", "1", "--n-embed", "32", "--n-head", "2",
-         "--context", "32", "--batch-size", "8", "--max-steps", "30", "--eval-interval", "30", "--device", "cpu"],
+         "--context", "32", "--batch-size", "8", "--max-steps", "30", "--eval-interval", "30", "--warmup-steps", "5",
+         "--device", "cpu"],
     ]
     for args in steps:
         run = microgpt(*args, cwd=tmp_path, check=False)
@@ -115,7 +119,15 @@ def test_prepare_train_eval_generate_on_shakespeare(tmp_path: Path) -> None:
     run = microgpt("eval", "--json", cwd=tmp_path, check=False)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
-    assert result["tokens"] > 100_000 and 0 < result["bits_per_byte"] < 8  # beats 65-way uniform (6.02 bits)
+    assert result["tokens"] > 100_000 and 0 < result["bits_per_byte"] < 8
+    # The same model before training, evaluated the same way: 30 steps must have taught it a lot.
+    trained = checkpoint.load(tmp_path / "out")
+    torch.manual_seed(1337)
+    untrained = tmp_path / "untrained.pt"
+    checkpoint.save(untrained, checkpoint.Checkpoint.of(GPT(trained.model_config), trained.tokenizer_object()))
+    before = evaluate(untrained, tmp_path / "data", device="cpu").bits_per_byte
+    assert before > 0.95 * math.log2(65)  # an untrained model is close to uniform over 65 symbols
+    assert result["bits_per_byte"] < before - 1.0 and result["bits_per_byte"] < 0.85 * math.log2(65)
     run = microgpt("generate", "--prompt", "ROMEO:", "--length", "50", cwd=tmp_path, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("ROMEO:") and len(run.stdout) == len("ROMEO:") + 50 + 1
