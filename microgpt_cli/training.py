@@ -474,7 +474,9 @@ class Trainer:
 
     def train(self) -> RunEnded:
         run = self.run
-        if run.step >= run.total_steps or self.clock.over():
+        over = torch.tensor([float(self.clock.over())], device=run.device)
+        over_everywhere = distributed.sum_across(run.world, over).item() > 0  # every process decides alike
+        if run.step >= run.total_steps or over_everywhere:
             return self._end("nothing to do")
         self.files.start(run)
         self.emit(self._started())

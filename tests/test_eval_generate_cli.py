@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_bad_input_is_one_clear_line(make_checkpoint: Callable[..., Path], data_
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     other = write_data_dir(tmp_path / "other", train_char([TINY_TEXT + "€"]), TINY_TEXT, TINY_TEXT)
     (tmp_path / "p.txt").write_text("hi", encoding="utf-8")
-    cases = {
+    cases: dict[str, tuple[list[Any], str]] = {
         "negative temperature": (["generate", "-c", ckpt, "--temperature", "-0.5"], "--temperature"),
         "top-k 0": (["generate", "-c", ckpt, "--top-k", "0"], "--top-k"),
         "top-p 0": (["generate", "-c", ckpt, "--top-p", "0"], "--top-p"),

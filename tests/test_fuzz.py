@@ -1051,56 +1051,56 @@ def fuzz(name_and_case: tuple[str, Part], shared: Path, workspaces: Callable[[],
         shutil.rmtree(workspace, ignore_errors=True)
 
 
-@examples(140)
+@examples(100)
 @given(case=prepare_cases())
 @regressions("prepare")
 def test_prepare(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
     fuzz(case, shared, workspaces)
 
 
-@examples(120)
+@examples(85)
 @given(case=train_cases(fuzz_files=False))
 @regressions("train_options")
 def test_train_options(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
     fuzz(case, shared, workspaces)
 
 
-@examples(110)
+@examples(75)
 @given(case=train_cases(fuzz_files=True))
 @regressions("train_files")
 def test_train_files(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
     fuzz(case, shared, workspaces)
 
 
-@examples(170)
+@examples(120)
 @given(case=eval_cases())
 @regressions("eval")
 def test_eval(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
     fuzz(case, shared, workspaces)
 
 
-@examples(170)
+@examples(120)
 @given(case=generate_cases())
 @regressions("generate")
 def test_generate(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
     fuzz(case, shared, workspaces)
 
 
-@examples(170)
+@examples(120)
 @given(case=info_cases())
 @regressions("info")
 def test_info(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
     fuzz(case, shared, workspaces)
 
 
-@examples(70)
+@examples(50)
 @given(case=plot_cases())
 @regressions("plot")
 def test_plot(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
     fuzz(case, shared, workspaces)
 
 
-@examples(140)
+@examples(100)
 @given(case=export_cases())
 @regressions("export")
 def test_export(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
