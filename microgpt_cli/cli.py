@@ -26,9 +26,19 @@ from microgpt_cli.config import (
     Position,
     SamplingSettings,
     TrainConfig,
+    default_of,
     setting_fields,
 )
+from microgpt_cli.dataprep import (
+    DEFAULT_BPE_VOCAB_SIZE,
+    DEFAULT_TOKENIZER,
+    DEFAULT_VAL_FRACTION,
+    ErrorMode,
+    SampleName,
+)
 from microgpt_cli.errors import Interrupted, MicroGPTError, describe_os_error
+from microgpt_cli.export import ExportFormat
+from microgpt_cli.plot import X_AXES, XAxis
 from microgpt_cli.progress import stderr
 
 STARTED = time.perf_counter()  # a --time-budget counts from here: importing torch is part of the run
@@ -138,15 +148,15 @@ def _root(
 
 
 def _field_option(cls: type, name: str, panel: Optional[str] = None, envvar: Optional[str] = None) -> Any:
-    """The option of dataclass field `name`, with the field's flags and help (and, by _default,
-    its default)."""
+    """The option of dataclass field `name`, with the field's flags and help (its default is
+    config.default_of)."""
     f = setting_fields(cls)[name]
     flags = f.metadata["flags"] or ("--" + name.replace("_", "-"),)
     return typer.Option(*flags, help=f.metadata["help"], rich_help_panel=panel, envvar=envvar)
 
 
-def _default(cls: type, name: str) -> Any:
-    return setting_fields(cls)[name].default
+def _sampling(name: str) -> Any:
+    return _field_option(SamplingSettings, name)
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -155,25 +165,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name != "DEFAULT"
 
 
-def _sampling_option(name: str) -> Any:
-    """A generate option whose help is config.SamplingSettings's (its default too: _sampling_default)."""
-    f = setting_fields(SamplingSettings)[name]
-    return typer.Option(*(f.metadata["flags"] or ("--" + name.replace("_", "-"),)), help=f.metadata["help"])
-
-
-def _sampling_default(name: str) -> Any:
-    return _default(SamplingSettings, name)
-
-
 # --- prepare ---------------------------------------------------------------------------------
-
-from microgpt_cli.dataprep import (  # noqa: E402  (after the Typer patch above; imports no torch)
-    DEFAULT_BPE_VOCAB_SIZE,
-    DEFAULT_TOKENIZER,
-    DEFAULT_VAL_FRACTION,
-    ErrorMode,
-    SampleName,
-)
 
 
 @app.command()
@@ -264,8 +256,8 @@ def _train(name: str, envvar: Optional[str] = None) -> Any:
 @app.command()
 def train(
     ctx: typer.Context,
-    data: Annotated[Path, _train("data", envvar=DATA_ENV)] = Path(_default(TrainConfig, "data")),
-    out: Annotated[Path, _train("out", envvar=OUT_ENV)] = Path(_default(TrainConfig, "out")),
+    data: Annotated[Path, _train("data", envvar=DATA_ENV)] = Path(default_of(TrainConfig, "data")),
+    out: Annotated[Path, _train("out", envvar=OUT_ENV)] = Path(default_of(TrainConfig, "out")),
     config: ConfigOpt = None,
     preset: Annotated[Optional[str], typer.Option(
         help="Named hyperparameter set (cpu, gpt2); flags override it.", rich_help_panel=T)] = None,
@@ -274,38 +266,38 @@ def train(
              "evaluation...), except the model's shape, batch, seed and optimizer.", rich_help_panel=T)] = False,
     force: Annotated[bool, typer.Option(
         help="Start over even if --out already holds a run (its files are deleted first).", rich_help_panel=T)] = False,
-    epochs: Annotated[float, _train("epochs")] = _default(TrainConfig, "epochs"),
-    max_steps: Annotated[int, _train("max_steps")] = _default(TrainConfig, "max_steps"),
-    time_budget: Annotated[float, _train("time_budget")] = _default(TrainConfig, "time_budget"),
-    batch_size: Annotated[int, _train("batch_size")] = _default(TrainConfig, "batch_size"),
-    grad_accum: Annotated[int, _train("grad_accum")] = _default(TrainConfig, "grad_accum"),
-    lr: Annotated[float, _train("lr")] = _default(TrainConfig, "lr"),
-    min_lr_ratio: Annotated[float, _train("min_lr_ratio")] = _default(TrainConfig, "min_lr_ratio"),
-    warmup_steps: Annotated[int, _train("warmup_steps")] = _default(TrainConfig, "warmup_steps"),
-    weight_decay: Annotated[float, _train("weight_decay")] = _default(TrainConfig, "weight_decay"),
-    grad_clip: Annotated[float, _train("grad_clip")] = _default(TrainConfig, "grad_clip"),
-    beta1: Annotated[float, _train("beta1")] = _default(TrainConfig, "beta1"),
-    beta2: Annotated[float, _train("beta2")] = _default(TrainConfig, "beta2"),
-    optimizer: Annotated[OptimizerName, _train("optimizer")] = _default(TrainConfig, "optimizer"),
-    muon_lr: Annotated[float, _train("muon_lr")] = _default(TrainConfig, "muon_lr"),
-    eval_interval: Annotated[int, _train("eval_interval")] = _default(TrainConfig, "eval_interval"),
-    eval_tokens: Annotated[int, _train("eval_tokens")] = _default(TrainConfig, "eval_tokens"),
-    log_interval: Annotated[int, _train("log_interval")] = _default(TrainConfig, "log_interval"),
-    seed: Annotated[int, _train("seed")] = _default(TrainConfig, "seed"),
-    device: Annotated[str, _train("device", envvar=DEVICE_ENV)] = _default(TrainConfig, "device"),
-    compile: Annotated[bool, _train("compile")] = _default(TrainConfig, "compile"),
-    threads: Annotated[int, _train("threads")] = _default(TrainConfig, "threads"),
-    n_layer: Annotated[int, _model("n_layer")] = _default(ModelConfig, "n_layer"),
-    n_head: Annotated[int, _model("n_head")] = _default(ModelConfig, "n_head"),
-    n_embed: Annotated[int, _model("n_embed")] = _default(ModelConfig, "n_embed"),
-    context: Annotated[int, _model("context")] = _default(ModelConfig, "context"),
-    dropout: Annotated[float, _model("dropout")] = _default(ModelConfig, "dropout"),
-    position: Annotated[Position, _model("position")] = _default(ModelConfig, "position"),
-    norm: Annotated[Norm, _model("norm")] = _default(ModelConfig, "norm"),
-    activation: Annotated[Activation, _model("activation")] = _default(ModelConfig, "activation"),
-    qk_norm: Annotated[bool, _model("qk_norm")] = _default(ModelConfig, "qk_norm"),
-    tie_weights: Annotated[bool, _model("tie_weights")] = _default(ModelConfig, "tie_weights"),
-    bias: Annotated[bool, _model("bias")] = _default(ModelConfig, "bias"),
+    epochs: Annotated[float, _train("epochs")] = default_of(TrainConfig, "epochs"),
+    max_steps: Annotated[int, _train("max_steps")] = default_of(TrainConfig, "max_steps"),
+    time_budget: Annotated[float, _train("time_budget")] = default_of(TrainConfig, "time_budget"),
+    batch_size: Annotated[int, _train("batch_size")] = default_of(TrainConfig, "batch_size"),
+    grad_accum: Annotated[int, _train("grad_accum")] = default_of(TrainConfig, "grad_accum"),
+    lr: Annotated[float, _train("lr")] = default_of(TrainConfig, "lr"),
+    min_lr_ratio: Annotated[float, _train("min_lr_ratio")] = default_of(TrainConfig, "min_lr_ratio"),
+    warmup_steps: Annotated[int, _train("warmup_steps")] = default_of(TrainConfig, "warmup_steps"),
+    weight_decay: Annotated[float, _train("weight_decay")] = default_of(TrainConfig, "weight_decay"),
+    grad_clip: Annotated[float, _train("grad_clip")] = default_of(TrainConfig, "grad_clip"),
+    beta1: Annotated[float, _train("beta1")] = default_of(TrainConfig, "beta1"),
+    beta2: Annotated[float, _train("beta2")] = default_of(TrainConfig, "beta2"),
+    optimizer: Annotated[OptimizerName, _train("optimizer")] = default_of(TrainConfig, "optimizer"),
+    muon_lr: Annotated[float, _train("muon_lr")] = default_of(TrainConfig, "muon_lr"),
+    eval_interval: Annotated[int, _train("eval_interval")] = default_of(TrainConfig, "eval_interval"),
+    eval_tokens: Annotated[int, _train("eval_tokens")] = default_of(TrainConfig, "eval_tokens"),
+    log_interval: Annotated[int, _train("log_interval")] = default_of(TrainConfig, "log_interval"),
+    seed: Annotated[int, _train("seed")] = default_of(TrainConfig, "seed"),
+    device: Annotated[str, _train("device", envvar=DEVICE_ENV)] = default_of(TrainConfig, "device"),
+    compile: Annotated[bool, _train("compile")] = default_of(TrainConfig, "compile"),
+    threads: Annotated[int, _train("threads")] = default_of(TrainConfig, "threads"),
+    n_layer: Annotated[int, _model("n_layer")] = default_of(ModelConfig, "n_layer"),
+    n_head: Annotated[int, _model("n_head")] = default_of(ModelConfig, "n_head"),
+    n_embed: Annotated[int, _model("n_embed")] = default_of(ModelConfig, "n_embed"),
+    context: Annotated[int, _model("context")] = default_of(ModelConfig, "context"),
+    dropout: Annotated[float, _model("dropout")] = default_of(ModelConfig, "dropout"),
+    position: Annotated[Position, _model("position")] = default_of(ModelConfig, "position"),
+    norm: Annotated[Norm, _model("norm")] = default_of(ModelConfig, "norm"),
+    activation: Annotated[Activation, _model("activation")] = default_of(ModelConfig, "activation"),
+    qk_norm: Annotated[bool, _model("qk_norm")] = default_of(ModelConfig, "qk_norm"),
+    tie_weights: Annotated[bool, _model("tie_weights")] = default_of(ModelConfig, "tie_weights"),
+    bias: Annotated[bool, _model("bias")] = default_of(ModelConfig, "bias"),
 ) -> None:
     """Train a GPT on a prepared data dir, keeping the best and the last checkpoint."""
     # The settings asked for by a flag, an environment variable or a --config file: they beat the
@@ -354,7 +346,7 @@ def eval_command(
         data = None
     else:
         text = None
-    data = data or Path(_default(TrainConfig, "data"))
+    data = data or Path(default_of(TrainConfig, "data"))
     import json
 
     from rich.console import Console
@@ -387,13 +379,13 @@ def generate(
         Optional[str], typer.Option(help="Text to continue; empty starts from a document boundary.")
     ] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this UTF-8 file.")] = None,
-    length: Annotated[int, _sampling_option("length")] = _sampling_default("length"),
-    temperature: Annotated[float, _sampling_option("temperature")] = _sampling_default("temperature"),
-    top_k: Annotated[int, _sampling_option("top_k")] = _sampling_default("top_k"),
-    top_p: Annotated[float, _sampling_option("top_p")] = _sampling_default("top_p"),
-    seed: Annotated[int, _sampling_option("seed")] = _sampling_default("seed"),
+    length: Annotated[int, _sampling("length")] = default_of(SamplingSettings, "length"),
+    temperature: Annotated[float, _sampling("temperature")] = default_of(SamplingSettings, "temperature"),
+    top_k: Annotated[int, _sampling("top_k")] = default_of(SamplingSettings, "top_k"),
+    top_p: Annotated[float, _sampling("top_p")] = default_of(SamplingSettings, "top_p"),
+    seed: Annotated[int, _sampling("seed")] = default_of(SamplingSettings, "seed"),
     num_samples: Annotated[int, typer.Option(help="Samples to write, separated by a '---' line.")] = 1,
-    stop: Annotated[Optional[str], _sampling_option("stop")] = _sampling_default("stop"),
+    stop: Annotated[Optional[str], _sampling("stop")] = default_of(SamplingSettings, "stop"),
     device: DeviceOpt = "auto",
     config: ConfigOpt = None,
 ) -> None:
@@ -509,9 +501,6 @@ def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-from microgpt_cli.plot import X_AXES, XAxis  # noqa: E402  (no matplotlib import until a plot is drawn)
-
-
 @app.command()
 def plot(
     run_dirs: Annotated[
@@ -525,9 +514,6 @@ def plot(
 
     path = save_runs_plot(run_dirs, out, x)
     stderr.print(f"wrote {escape(str(path))}", highlight=False)
-
-
-from microgpt_cli.export import ExportFormat  # noqa: E402
 
 
 @app.command()
