@@ -1,11 +1,13 @@
-"""Generation speed: KV-cache decoding vs. recomputing the whole (cropped) context every token.
+"""Decoding speed of the inference engine, batch 1 and 8, with time to first token.
 
-Random-init model at the default size (6 layers x 512, 8 heads, context 512, GPT-2 vocabulary);
-greedy decoding from a 16-token prompt. Two uncached baselines recompute the whole (cropped)
-sequence every token: through the model's API, which returns logits at every position, and in
-its best case, with the output head run on the last position only.
+Random-init model at the seed size (6 layers x 512, 8 heads, context 512, GPT-2 vocabulary,
+45M parameters); a 16-token prompt, top-k 50 sampling at temperature 0.8, one host sync per step
+as `microgpt generate` does to stream. Rows: on CPU fp32 and int8 weights; on CUDA bf16 eager and
+CUDA-graph-captured steps. "x alone" is the batch's wall time over the batch-1 time of the same
+row kind: 8 samples for the price of that many single ones. With CUDA, the graph-captured step's
+logits are also checked against an uncached bf16 forward, greedy, step by step.
 
-    .venv/bin/python benchmarks/generate_speed.py [--tokens 500] [--prompt 16] [--threads 0] [--skip-api]
+    .venv/bin/python benchmarks/generate_speed.py [--device cpu|cuda] [--tokens 200] [--batches 1 8]
 """
 
 from __future__ import annotations
@@ -15,82 +17,97 @@ import platform
 import time
 
 import torch
-import torch.nn as nn
 
 from microgpt_cli.config import ModelConfig
+from microgpt_cli.engine import Engine, make_generators, sample_next
 from microgpt_cli.model import GPT
-from microgpt_cli.sampling import Decoder
 
 
-class LastPosition(nn.Module):
-    """Wraps the output head so that only the last position's logits are computed."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x[:, -1:])
-
-
-def cached(model: GPT, prompt: torch.Tensor, tokens: int) -> list[int]:
-    decoder = Decoder(model)
-    out = []
-    logits = decoder.prefill(prompt)
-    for _ in range(tokens):
-        token = logits.argmax(-1, keepdim=True)
-        out.append(int(token))
-        logits = decoder.step(token)
-    return out
+def decode(engine: Engine, prompt: list[int], batch: int, tokens: int) -> tuple[float, float]:
+    """Seconds to the first sampled token and in all, for `batch` samples of `tokens` new tokens."""
+    generators = make_generators(engine.device, 0, batch)
+    start = time.perf_counter()
+    logits = engine.prefill(0, prompt)
+    engine.fork(0, range(1, batch))
+    logits = logits.expand(batch, -1)
+    first = 0.0
+    for i in range(tokens):
+        ids = sample_next(logits, 0.8, 50, 1.0, generators)
+        if i + 1 < tokens:
+            logits = engine.step(ids)
+        ids.tolist()  # the host sync streaming needs
+        if i == 0:
+            first = time.perf_counter() - start
+    return first, time.perf_counter() - start
 
 
-def uncached(model: GPT, prompt: torch.Tensor, tokens: int) -> list[int]:
-    seq, out = prompt, []
-    for _ in range(tokens):
-        token = model(seq[:, -model.config.context :])[:, -1].argmax(-1, keepdim=True)
-        out.append(int(token))
-        seq = torch.cat((seq, token), dim=1)
-    return out
+def graph_matches_uncached(model: GPT, prompt: list[int], steps: int) -> tuple[float, float]:
+    """Greedy decoding with the captured step against an uncached bf16 forward of the same
+    sequence, step by step: the largest logit gap (in units of the logits' std) and the share of
+    steps where both pick the same token."""
+    engine = Engine(model, 1, graphs=True)
+    reference = engine.model  # the engine's own bf16 copy, run without a cache
+    seq = torch.tensor(prompt, device=engine.device)
+    worst, same = 0.0, 0
+    with torch.inference_mode():
+        logits = engine.prefill(0, seq)[None]
+        for _ in range(steps):
+            uncached = reference(seq[None, -model.config.context :])[0, -1].float()
+            worst = max(worst, float((logits[0] - uncached).abs().max() / uncached.std()))
+            token = logits.argmax(-1)
+            same += int(token.item() == uncached.argmax().item())
+            seq = torch.cat((seq, token))
+            logits = engine.step(token)
+    return worst, same / steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=500)
-    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tokens", type=int, default=200, help="new tokens per sample")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--skip-api", action="store_true", help="skip the slowest baseline (all-position logits)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(dropout=0.0)).eval()  # fp32: CPUs without bf16 units run bf16 far slower
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt))
+    model = GPT(ModelConfig(dropout=0.0)).eval().to(args.device)
+    prompt = torch.randint(0, model.config.vocab_size, (16,)).tolist()
+    kinds = [("fp32", dict(quantize=None)), ("int8", dict(quantize="int8"))] if args.device == "cpu" else \
+        [("bf16 eager", dict(graphs=False)), ("bf16 CUDA graph", dict(graphs=True))]
 
     rows = []
-    runs = [("cached (KV cache)", cached, False), ("uncached, last-position head", uncached, True),
-            ("uncached, model API", uncached, False)]
-    with torch.inference_mode():
-        cached(model, prompt, 4)  # warm up allocators and kernels
-        for name, run, last_only in runs[: 2 if args.skip_api else 3]:
-            head = model.head
-            model.head = LastPosition(head) if last_only else head  # type: ignore[assignment]
-            start = time.perf_counter()
-            out = run(model, prompt, args.tokens)
-            rows.append((name, time.perf_counter() - start, out))
-            model.head = head
+    for kind, options in kinds:
+        made = time.perf_counter()
+        engine = Engine(model, max(args.batches), **options)  # type: ignore[arg-type]
+        setup = time.perf_counter() - made
+        alone = None
+        for batch in args.batches:
+            warm = time.perf_counter()
+            decode(engine, prompt, batch, 3)  # the one-time warm-up of this batch size (graph capture on CUDA)
+            warmup = time.perf_counter() - warm
+            first, seconds = decode(engine, prompt, batch, args.tokens)
+            alone = seconds if batch == 1 else alone
+            rows.append((kind, batch, batch * args.tokens / seconds, first, seconds,
+                         seconds / alone if alone else float("nan"), setup + warmup))
+
     c = model.config
     print(f"model: {c.n_layer} layers x {c.n_embed}, {c.n_head} heads, context {c.context}, vocab {c.vocab_size}, "
-          f"{model.num_params() / 1e6:.1f}M params; prompt {args.prompt} tokens, {args.tokens} new tokens, greedy")
-    machine = platform.processor() or platform.machine()
-    print(f"machine: {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'method':<30} {'seconds':>8} {'tokens/s':>9}")
-    for name, seconds, _ in rows:
-        print(f"{name:<30} {seconds:>8.2f} {args.tokens / seconds:>9.1f}")
-    # Up to the point where the cache first slides, all see the same tokens and must agree.
-    same = args.tokens if args.prompt + args.tokens <= c.context else c.context - args.prompt + 1
-    for name, seconds, out in rows[1:]:
-        identical = out[:same] == rows[0][2][:same]
-        print(f"speedup over {name}: {seconds / rows[0][1]:.1f}x (first {same} tokens identical: {identical})")
+          f"{model.num_params() / 1e6:.1f}M params; prompt {len(prompt)} tokens, {args.tokens} new tokens per sample")
+    if args.device == "cuda":
+        print(f"machine: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    else:
+        machine = platform.processor() or platform.machine()
+        print(f"machine: {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'weights / step':<18} {'batch':>5} {'tokens/s':>9} {'first token':>12} {'seconds':>8} {'x alone':>8} "
+          f"{'warm-up':>8}")
+    for kind, batch, rate, first, seconds, ratio, warmup in rows:
+        print(f"{kind:<18} {batch:>5} {rate:>9.1f} {first * 1000:>10.1f}ms {seconds:>8.2f} {ratio:>8.2f} "
+              f"{warmup:>7.2f}s")
+    if args.device == "cuda":
+        gap, agree = graph_matches_uncached(model, prompt, 120)
+        print(f"CUDA graph vs uncached bf16 forward, 120 greedy steps: largest logit gap {gap:.4f} of the logits' "
+              f"std, same token at {agree:.0%} of steps")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """microgpt: train small GPT language models on your own text, evaluate them, sample from them.
 
-The Python API mirrors the CLI: `prepare`, `train`, `evaluate`, `load_checkpoint`, `generate_text`
-and `stream_text`. They are imported lazily so that `microgpt --help` does not wait for torch.
+The Python API mirrors the CLI: `prepare`, `train`, `evaluate`, `load_checkpoint`, `generate_text`,
+`generate_texts` (a batch), `stream_text` and `load_sampler` (a Sampler to draw from many times).
+They are imported lazily so that `microgpt --help` does not wait for torch.
 """
 
 from importlib import import_module
@@ -16,6 +17,9 @@ _EXPORTS = {
     "load_checkpoint": "microgpt_cli.checkpoint",
     "generate_text": "microgpt_cli.sampling",
     "stream_text": "microgpt_cli.sampling",
+    "generate_texts": "microgpt_cli.sampling",
+    "load_sampler": "microgpt_cli.sampling",
+    "Sampler": "microgpt_cli.sampling",
     "ModelConfig": "microgpt_cli.config",
     "TrainConfig": "microgpt_cli.config",
     "GPT": "microgpt_cli.model",

@@ -24,6 +24,7 @@ from microgpt_cli.config import (
     Norm,
     OptimizerName,
     Position,
+    Quantize,
     SamplingSettings,
     TrainConfig,
     default_of,
@@ -72,6 +73,9 @@ CheckpointOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option(
     envvar=DEVICE_ENV, help="Where to run: auto, cpu, cuda, cuda:N or mps (auto picks cuda, then mps, then cpu).")]
+QuantizeOpt = Annotated[Quantize, typer.Option(
+    help="Weights on CPU: none (fp32, exact) or int8 (weight-only int8 linear layers: faster, slightly less "
+         "accurate; see the README). CUDA always decodes with bf16 weights.")]
 _TOML_TYPES: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,)}
 
 
@@ -338,6 +342,7 @@ def eval_command(
     ] = False,
     batch_size: Annotated[
         int, typer.Option(help="Context windows scored at once (memory vs. speed).")] = EVAL_BATCH_SIZE,
+    quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
     config: ConfigOpt = None,
 ) -> None:
@@ -361,7 +366,8 @@ def eval_command(
             if task.live or time.monotonic() - started > 5:
                 task.update(done, total=total)
 
-        result = evaluate(checkpoint, data, text, batch_size, device, on_progress=progress, skip_unknown=skip_unknown)
+        result = evaluate(checkpoint, data, text, batch_size, device, on_progress=progress, skip_unknown=skip_unknown,
+                          quantize=quantize)
     if json_output:
         typer.echo(json.dumps(result.to_dict()))
         return
@@ -384,8 +390,10 @@ def generate(
     top_k: Annotated[int, _sampling("top_k")] = default_of(SamplingSettings, "top_k"),
     top_p: Annotated[float, _sampling("top_p")] = default_of(SamplingSettings, "top_p"),
     seed: Annotated[int, _sampling("seed")] = default_of(SamplingSettings, "seed"),
-    num_samples: Annotated[int, typer.Option(help="Samples to write, separated by a '---' line.")] = 1,
+    num_samples: Annotated[int, typer.Option(
+        help="Samples to write, separated by a '---' line; decoded as one batch, sample i with seed + i.")] = 1,
     stop: Annotated[Optional[str], _sampling("stop")] = default_of(SamplingSettings, "stop"),
+    quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
     config: ConfigOpt = None,
 ) -> None:
@@ -394,41 +402,46 @@ def generate(
         prompt = None
     else:
         prompt_file = None
-    if num_samples < 1:
-        raise MicroGPTError(f"--num-samples must be at least 1, got {num_samples}")
     from microgpt_cli.checkpoint import resolve_path
+    from microgpt_cli.engine import MAX_SLOTS
     from microgpt_cli.evaluation import read_text
-    from microgpt_cli.sampling import TextStream, decoding_model, load_model, make_generator, prompt_ids
+    from microgpt_cli.sampling import load_sampler
 
+    if not 1 <= num_samples <= MAX_SLOTS:
+        raise MicroGPTError(f"--num-samples must be between 1 and {MAX_SLOTS:,}, got {num_samples:,}")
     settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed)
     start_text = read_text(prompt_file) if prompt_file is not None else prompt or ""
-    model, tokenizer = load_model(checkpoint, None, device)
-    prompt_ids(tokenizer, start_text)  # a prompt the tokenizer cannot encode fails before any output
-    weights = model.tok_emb.weight
+    sampler = load_sampler(checkpoint, device=device, slots=num_samples, quantize=quantize)
+    batch = sampler.batch([start_text] * num_samples, settings)  # a bad prompt fails here, before any output
+    dtype = str(sampler.engine.model.tok_emb.weight.dtype).removeprefix("torch.")
+    weights = "int8 weights" if quantize == "int8" else f"{dtype} weights"
     stderr.print(
-        f"[dim]{escape(str(resolve_path(checkpoint)))}: {model.num_params() / 1e6:.2f}M parameters, "
-        f"{escape(tokenizer.name)} tokenizer, on {weights.device}[/]", highlight=False, soft_wrap=True,
+        f"[dim]{escape(str(resolve_path(checkpoint)))}: {sampler.engine.num_params / 1e6:.2f}M parameters, "
+        f"{escape(sampler.tokenizer.name)} tokenizer, on {sampler.engine.device} ({weights})[/]",
+        highlight=False, soft_wrap=True,
     )
-    generator = make_generator(weights.device, seed)  # one stream: the whole batch of samples is reproducible
-    model = decoding_model(model)
-    written, stream = 0, None
+    # The first sample streams as it is sampled; the others, decoded alongside, follow it.
+    later: list[list[str]] = [[] for _ in range(num_samples)]
     try:
-        for i in range(num_samples):
-            stream = TextStream(model, tokenizer, start_text, settings, generator)
-            for piece in stream:
+        for row, piece in batch:
+            if row == 0:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-            written += stream.new_tokens
-            sys.stdout.write("\n" if i + 1 == num_samples else "\n\n---\n\n")
-            sys.stdout.flush()
-            rate = stream.new_tokens / stream.seconds if stream.seconds > 0 else 0.0
-            stderr.print(f"[dim]{stream.new_tokens} tokens in {stream.seconds:.2f}s ({rate:.1f} tokens/s)[/]",
-                         highlight=False)
+            else:
+                later[row].append(piece)
+        for row in range(1, num_samples):
+            sys.stdout.write("\n\n---\n\n" + "".join(later[row]))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         sys.stdout.flush()
-        done = written + (len(stream.new_ids) if stream is not None else 0)
-        raise Interrupted(f"generation interrupted after {done:,} new tokens; the text so far is on stdout") from None
+        raise Interrupted(f"generation interrupted after {batch.new_tokens:,} new tokens; "
+                          "the text so far of the first sample is on stdout") from None
+    rate = batch.new_tokens / batch.seconds if batch.seconds > 0 else 0.0
+    samples = f" in {num_samples} samples" if num_samples > 1 else ""
+    stderr.print(f"[dim]{batch.new_tokens} tokens{samples} in {batch.seconds:.2f}s ({rate:.1f} tokens/s; "
+                 f"first after {batch.first_token_seconds:.2f}s)[/]", highlight=False)
 
 
 # --- info, plot, export ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ Position = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["relu", "relu2", "gelu"]
 OptimizerName = Literal["adamw", "muon"]
+Quantize = Literal["none", "int8"]  # weights for inference on CPU: fp32 as trained, or int8
 DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d{1,3})?)")
 MAX_SEED = 2**63 - 1  # the largest integer a TOML file (and config.toml) can hold
 MAX_THREADS = 1024  # far above any CPU; OpenMP crashes when asked for ~100,000

@@ -18,6 +18,7 @@ from microgpt_cli import dataset
 from microgpt_cli.checkpoint import load_checkpoint
 from microgpt_cli.config import EVAL_BATCH_SIZE
 from microgpt_cli.device import resolve_device
+from microgpt_cli.engine import inference_model
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer
@@ -31,6 +32,7 @@ class EvalResult:
     tokens: int  # tokens predicted
     seconds: float  # time spent scoring (loading excluded)
     skipped: int | None = None  # with skip_unknown: characters left out of the text (None: not asked)
+    quantize: str | None = None  # the weights scored, where not the checkpoint's own (e.g. "int8")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -90,11 +92,13 @@ def evaluate(
     device: str = "auto",
     on_progress: Callable[[int, int], None] | None = None,
     skip_unknown: bool = False,
+    quantize: str | None = None,
 ) -> EvalResult:
     """Score a checkpoint on the whole validation split of `data_dir`, or on a UTF-8 text file
     (`text`, tokenized with the checkpoint's own tokenizer). Characters a char vocabulary lacks
     are an error naming where they are, or with `skip_unknown` are left out and counted in the
-    result. `on_progress(done, total)` follows the predicted tokens."""
+    result. `on_progress(done, total)` follows the predicted tokens. `quantize="int8"` scores
+    the int8 weights `generate --quantize int8` samples with (CPU only), to measure their cost."""
     if batch_size < 1:
         raise MicroGPTError(f"--batch-size must be at least 1, got {batch_size}")
     resolved = resolve_device(device)
@@ -112,6 +116,9 @@ def evaluate(
         tokens = dataset.open_split(data_dir, "val", meta)
     if len(tokens) < 2:
         raise MicroGPTError("nothing to evaluate: the text has fewer than 2 tokens")
+    quantize = None if quantize == "none" else quantize
+    if quantize is not None:
+        model = inference_model(model, quantize)
     total_targets = len(tokens) - 1
     start = time.perf_counter()
     nats, count, nbytes = split_loss(
@@ -122,7 +129,7 @@ def evaluate(
     loss = nats / count
     perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
     bits_per_byte = nats / math.log(2) / nbytes if nbytes else math.nan
-    return EvalResult(loss, perplexity, bits_per_byte, count, seconds, skipped)
+    return EvalResult(loss, perplexity, bits_per_byte, count, seconds, skipped, quantize)
 
 
 def _known_text(text: str, tokenizer: Tokenizer, path: Path, skip_unknown: bool) -> tuple[str, int | None]:

@@ -31,7 +31,6 @@ ExportFormat = Literal["hf", "safetensors"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos, eos and unk token
 
 # Our names -> GPT-2's, for the tensors of block i. Linear weights are transposed because GPT-2
 # uses Conv1D layers, which store (in_features, out_features).
@@ -108,9 +107,11 @@ def _write_hf(directory: Path, state: Checkpoint) -> None:
         tensors["lm_head.weight"] = weights["head.weight"]
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / WEIGHTS_FILE, metadata={"format": "pt"})
 
+    from microgpt_cli.tokenizer import GPT2_END_OF_TEXT
+
     spec = state.tokenizer
     gpt2_tokens = spec["kind"] == "gpt2"
-    special = GPT2_EOT if gpt2_tokens else None  # other vocabularies have no end-of-text token
+    special = GPT2_END_OF_TEXT if gpt2_tokens else None  # GPT-2's bos, eos and unk; others have none
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

@@ -49,11 +49,18 @@ def count_params(config: ModelConfig) -> int:
 
 
 class KVCache(Protocol):
-    """What attention needs from an inference cache; the implementation lives in sampling.py."""
+    """What the model needs from an inference cache; the implementation lives in engine.py.
 
-    pos: int
+    A forward with a cache either starts its sequences at position 0 (`mask` None: causal) or
+    appends one token per sequence, each at its own position (`mask` says which cached keys
+    each new token sees)."""
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    positions: torch.Tensor  # (B, T): the position of each new token
+    mask: torch.Tensor | None  # (B, 1, T, keys), True where a query sees a key
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values of `layer`; all the keys and values to attend to."""
+        ...
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -96,12 +103,12 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        # A single new token attends to every cached key; a prefill from an empty cache is causal.
-        causal = cache is None or cache.pos == 0
+        mask = None
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
+            mask = cache.mask
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal and T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.proj_dropout(self.proj(y))
@@ -186,14 +193,17 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for `idx` (B, T); with `targets`, the mean cross-entropy instead."""
         T = idx.size(1)
-        start = cache.pos if cache is not None else 0
         x = self.tok_emb(idx)  # (B, T, C)
         rotary = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            positions = torch.arange(T, device=idx.device) if cache is None else cache.positions  # (T,) or (B, T)
+            x = x + self.pos_emb(positions)
         else:
             cos, sin = self.get_buffer("rope_cos"), self.get_buffer("rope_sin")
-            rotary = (cos[start : start + T], sin[start : start + T])
+            if cache is None:
+                rotary = (cos[:T], sin[:T])  # (T, hs/2)
+            else:
+                rotary = (cos[cache.positions].unsqueeze(1), sin[cache.positions].unsqueeze(1))  # (B, 1, T, hs/2)
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, rotary, cache)

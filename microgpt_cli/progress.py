@@ -310,4 +310,6 @@ def eval_table(result: EvalResult, title: str) -> Table:
     table.add_row("seconds", f"{result.seconds:.2f}")
     if result.skipped is not None:
         table.add_row("characters skipped", f"{result.skipped:,}")
+    if result.quantize is not None:
+        table.add_row("weights", result.quantize)
     return table

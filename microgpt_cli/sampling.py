@@ -1,150 +1,38 @@
-"""Text generation: a KV-cache decoding engine, temperature / top-k / top-p sampling, and text
-streamed as tokens arrive without ever splitting a UTF-8 character.
+"""Text generation on top of the engine: prompts in, text out, streamed as tokens arrive without
+ever splitting a UTF-8 character, with stop strings. `Sampler` is the one object that
+`microgpt generate`, the Python API and the server sample through.
 
 Choices (the CLI documents the same):
 - Defaults: length 200, temperature 0.8, top-k 50, top-p 1.0 (off), seed 1337. Temperature 0 is
   greedy; a top-k at least the vocabulary size, or None in Python, turns top-k off.
 - Output is the prompt followed by exactly `length` new tokens, unless a stop string appears in
   the new text first: the sample then ends just before it (the stop string is not output).
-- An empty prompt starts from <|endoftext|> for GPT-2/tiktoken vocabularies (their document
-  separator) and from "\\n" for char/bpe ones; a char vocabulary without "\\n" needs a prompt.
-- Past the context window the cache slides: see `Decoder`.
+- Several samples are decoded as one batch. Sample i draws its randomness from seed + i, so it is
+  the same text whether decoded alone (with that seed) or in a batch.
+- An empty prompt starts from the end-of-text token where the vocabulary has one (GPT-2 and
+  tiktoken: their document separator) and from "\n" for char/bpe ones; a char vocabulary without
+  "\n" needs a prompt.
+- Past the context window the cache slides: see `engine.Engine`.
 """
 
 from __future__ import annotations
 
 import codecs
-import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import tiktoken
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from microgpt_cli.config import ModelConfig, SamplingSettings, is_text
+from microgpt_cli.config import SamplingSettings, is_text
+from microgpt_cli.engine import Engine, make_generators, sample_next
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import Tokenizer
 
-GPT2_END_OF_TEXT = 50256
-GREEDY_BELOW = 1e-30  # temperatures under this sample as 0 does: float32 cannot divide by much less
-
-
 _DEFAULTS = SamplingSettings()
 DEFAULT_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K = _DEFAULTS.length, _DEFAULTS.temperature, _DEFAULTS.top_k
 DEFAULT_TOP_P, DEFAULT_SEED = _DEFAULTS.top_p, _DEFAULTS.seed
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far (implements model.KVCache).
-
-    Preallocated at the full context so a decoding step copies one position per layer instead
-    of growing tensors; `pos` is how many positions are filled, advanced by `Decoder`."""
-
-    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.context, config.head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.pos + k.size(2)
-        self.keys[layer, :, :, self.pos : end] = k
-        self.values[layer, :, :, self.pos : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, nh, end, hs)
-
-
-class RowMajorLinear(nn.Module):
-    """nn.Linear for decoding on CPU, with its weight stored transposed and contiguous: a single
-    token's matrix-vector product then runs as a row-major GEMM, about 2x faster than the BLAS
-    matrix-vector kernel nn.Linear reaches (measured on the GPT-2-vocabulary head: 7 vs 15 ms)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight_t = linear.weight.detach().t().contiguous()  # (in, out)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight_t
-        return y if self.bias is None else y + self.bias
-
-
-def decoding_model(model: GPT) -> GPT:
-    """The model to decode with: on CPU an inference copy whose linear layers are RowMajorLinear;
-    elsewhere (or when given such a copy) the model itself. The copy computes the same function, up
-    to float summation order; converting once before several samples saves a copy per sample."""
-    if model.tok_emb.weight.device.type != "cpu" or not any(isinstance(m, nn.Linear) for m in model.modules()):
-        return model  # not on CPU, or converted already
-    fast = copy.deepcopy(model).eval()
-    for module in list(fast.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, RowMajorLinear(child))
-    return fast
-
-
-class Decoder:
-    """Runs a model over a growing sequence with a KV cache: each new token costs one token.
-
-    Positions never go past the context the model was trained on. When the cache is full, the
-    newest `context // 2` tokens (the new one included) are kept and re-prefilled from position
-    0, as the start of a fresh window. That costs a prefill of context/2 tokens once every
-    context/2 steps (under one extra token per step, amortized), while the model always keeps at
-    least half a window of history. Recomputing a full window each step would match a cropped
-    uncached model exactly but costs `context` tokens per step."""
-
-    def __init__(self, model: GPT, batch_size: int = 1):
-        self.model = decoding_model(model)
-        self.context = model.config.context
-        self.keep = max(1, self.context // 2)
-        weight = model.tok_emb.weight
-        self.cache = KVCache(model.config, batch_size, weight.device, weight.dtype)
-        # The tokens the cache holds, to re-prefill from when it slides.
-        self.tokens = torch.zeros((batch_size, self.context), dtype=torch.long, device=weight.device)
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Start over from `ids` (B, T), of which the last `context` are kept; next-token logits (B, vocab)."""
-        self.cache.pos = 0
-        return self._forward(ids[:, -self.context :])
-
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (B, 1); next-token logits (B, vocab)."""
-        if self.cache.pos == self.context:
-            kept = self.tokens[:, self.context - self.keep + 1 :]
-            return self.prefill(torch.cat((kept, token), dim=1))
-        return self._forward(token)
-
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        start = self.cache.pos
-        logits = self.model(ids, cache=self.cache)
-        self.tokens[:, start : start + ids.size(1)] = ids
-        self.cache.pos = start + ids.size(1)
-        return logits[:, -1]
-
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Next token ids (B, 1) from logits (B, vocab)."""
-    if temperature < GREEDY_BELOW:  # 0, or so small that it is greedy in all but float32 overflow
-        return logits.argmax(dim=-1, keepdim=True)
-    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others
-    # to -inf (greedy in the limit) instead of overflowing every logit to inf and softmax to NaN.
-    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token once the likelier ones before it already cover top_p; the likeliest always stays.
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        drop[:, 0] = False  # even where top_p rounds to 0 in float32
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)
 
 
 class Detokenizer:
@@ -192,93 +80,146 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
         raise MicroGPTError("the prompt is not valid text (it holds bytes that are not UTF-8); pass UTF-8 text")
     if text:
         return tokenizer.encode(text)
-    if tokenizer.kind == "gpt2":
-        return [GPT2_END_OF_TEXT]
-    if tokenizer.kind == "tiktoken":
-        return [tiktoken.get_encoding(tokenizer.name).eot_token]
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id]
     try:
         return tokenizer.encode("\n")
     except MicroGPTError:
         raise MicroGPTError("this char tokenizer has no newline to start an empty prompt from; pass --prompt") from None
 
 
-class TextStream:
-    """An iterator of text pieces: the prompt, then the new text as it is sampled. After it is
-    exhausted, `new_ids`, `new_tokens` and `seconds` say what was generated and how fast."""
+class Sampler:
+    """A model and its tokenizer, ready to sample text in batches of up to `slots` samples.
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: str, settings: SamplingSettings,
-                 generator: torch.Generator | None):
-        self.model = model
+    Build one and sample from it many times: the engine's copy of the model (transposed, int8 or
+    bf16 weights) and its cache are made once."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int = 1, quantize: str | None = None):
+        self.engine = Engine(model, slots, quantize)
         self.tokenizer = tokenizer
-        self.prompt = prompt
+        # A model whose vocabulary is padded past the tokenizer's must not pick ids that decode to nothing.
+        self.vocab = min(model.config.vocab_size, tokenizer.vocab_size)
+
+    def batch(self, prompts: Sequence[str], settings: SamplingSettings) -> BatchStream:
+        """One sample per prompt, decoded together; see BatchStream."""
+        return BatchStream(self, prompts, settings)
+
+    def stream(self, prompt: str, settings: SamplingSettings) -> TextStream:
+        """One sample of `prompt`, as text pieces; see TextStream."""
+        return TextStream(self.batch([prompt], settings))
+
+
+class BatchStream:
+    """Samples of several prompts decoded as one batch: iterates (row, text piece) pairs, first
+    each prompt, then the new text of every row as it is sampled. After it is exhausted,
+    `new_ids`, `seconds` and `first_token_seconds` say what was generated and how fast.
+
+    Prompts and settings are checked before any decoding, so a bad one fails before any output."""
+
+    def __init__(self, sampler: Sampler, prompts: Sequence[str], settings: SamplingSettings):
+        if not 1 <= len(prompts) <= sampler.engine.slots:
+            raise MicroGPTError(f"this sampler decodes 1 to {sampler.engine.slots} prompts at once, got {len(prompts)}")
+        self.sampler = sampler
+        self.prompts = list(prompts)
         self.settings = settings
-        self.generator = generator
-        self.ids = prompt_ids(tokenizer, prompt)  # encode now, so a bad prompt fails before any output
-        self.new_ids: list[int] = []
-        self.seconds = 0.0
-        self._pieces = self._run()
+        self.ids = [prompt_ids(sampler.tokenizer, p) for p in self.prompts]
+        self.new_ids: list[list[int]] = [[] for _ in self.prompts]
+        self.seconds = 0.0  # from the start of the prefill to the last token
+        self.first_token_seconds = 0.0
+        self._events = self._run()
 
     @property
     def new_tokens(self) -> int:
-        return len(self.new_ids)
+        return sum(map(len, self.new_ids))
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[tuple[int, str]]:
         return self
 
-    def __next__(self) -> str:
-        return next(self._pieces)
+    def __next__(self) -> tuple[int, str]:
+        return next(self._events)
 
-    def _run(self) -> Iterator[str]:
-        if self.prompt:
-            yield self.prompt
-        if self.settings.length == 0:
-            return
-        was_training = self.model.training
-        self.model.eval()
-        try:
+    def _run(self) -> Iterator[tuple[int, str]]:
+        for row, prompt in enumerate(self.prompts):
+            if prompt:
+                yield row, prompt
+        if self.settings.length > 0:
             yield from self._sample()
-        finally:
-            self.model.train(was_training)
 
-    def _sample(self) -> Iterator[str]:
-        s = self.settings
-        # A model whose vocabulary is padded past the tokenizer's must not pick ids that decode to nothing.
-        vocab = min(self.model.config.vocab_size, self.tokenizer.vocab_size)
-        text = Detokenizer(self.tokenizer, s.stop)
-        decoder = Decoder(self.model)
-        device = decoder.tokens.device
+    def _prefill(self) -> torch.Tensor:
+        """Next-token logits (n, vocab) of every prompt; a prompt repeated is prefilled once."""
+        engine, rows = self.sampler.engine, list[torch.Tensor]()
+        for row, ids in enumerate(self.ids):
+            first = self.ids.index(ids)
+            if first < row:
+                engine.fork(first, [row])
+                rows.append(rows[first])
+            else:
+                rows.append(engine.prefill(row, ids))
+        return torch.stack(rows)
+
+    def _sample(self) -> Iterator[tuple[int, str]]:
+        s, engine, n = self.settings, self.sampler.engine, len(self.prompts)
+        texts = [Detokenizer(self.sampler.tokenizer, s.stop) for _ in range(n)]
+        generators = make_generators(engine.device, s.seed, n)
         start = time.perf_counter()
         try:
             # inference_mode is entered per call, never across a yield, so the caller's code between
             # pieces does not run with autograd off.
             with torch.inference_mode():
-                logits = decoder.prefill(torch.tensor([self.ids], dtype=torch.long, device=device))
+                logits = self._prefill()
             for i in range(s.length):
                 with torch.inference_mode():
-                    token = sample_next(logits[:, :vocab], s.temperature, s.top_k, s.top_p, self.generator)
+                    tokens = sample_next(logits[:, : self.sampler.vocab], s.temperature, s.top_k, s.top_p, generators)
                     if i + 1 < s.length:
-                        logits = decoder.step(token)  # queued before the sync below, which it does not need
-                self.new_ids.append(int(token))  # the one host sync per token, needed to stream anyway
-                piece = text.push(self.new_ids[-1])
-                if piece:
-                    yield piece
-                if text.stopped:
+                        logits = engine.step(tokens)  # queued before the sync below, which it does not need
+                new = tokens.tolist()  # the one host sync per step, needed to stream anyway
+                if i == 0:
+                    self.first_token_seconds = time.perf_counter() - start
+                for row, text in enumerate(texts):
+                    if text.stopped:
+                        continue  # a finished row rides along until the batch ends
+                    self.new_ids[row].append(new[row])
+                    piece = text.push(new[row])
+                    if piece:
+                        yield row, piece
+                if all(text.stopped for text in texts):
                     return
-            tail = text.finish()
-            if tail:
-                yield tail
+            for row, text in enumerate(texts):
+                tail = text.finish()
+                if tail:
+                    yield row, tail
         finally:
             self.seconds = time.perf_counter() - start
 
 
-def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    """The one random stream of a generation: the same seed gives the same text."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
+class TextStream:
+    """The text pieces of one sample: the prompt, then the new text as it is sampled. After it is
+    exhausted, `new_ids`, `new_tokens`, `seconds` and `first_token_seconds` say what was generated."""
+
+    def __init__(self, batch: BatchStream):
+        self.batch = batch
+
+    @property
+    def new_ids(self) -> list[int]:
+        return self.batch.new_ids[0]
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.new_ids)
+
+    @property
+    def seconds(self) -> float:
+        return self.batch.seconds
+
+    @property
+    def first_token_seconds(self) -> float:
+        return self.batch.first_token_seconds
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self.batch)[1]
 
 
 def load_model(model: GPT | str | Path, tokenizer: Tokenizer | None, device: str = "auto") -> tuple[GPT, Tokenizer]:
@@ -295,6 +236,14 @@ def load_model(model: GPT | str | Path, tokenizer: Tokenizer | None, device: str
     return load_checkpoint(model, resolve_device(device))
 
 
+def load_sampler(model: GPT | str | Path, tokenizer: Tokenizer | None = None, device: str = "auto",
+                 slots: int = 1, quantize: str | None = None) -> Sampler:
+    """A Sampler for a GPT (then `tokenizer` is required) or a checkpoint file / run dir (loaded
+    on `device`), decoding up to `slots` samples at once; `quantize="int8"` on CPU."""
+    gpt, tok = load_model(model, tokenizer, device)
+    return Sampler(gpt, tok, slots, quantize)
+
+
 def stream_text(
     model: GPT | str | Path,
     start_text: str = "",
@@ -306,14 +255,14 @@ def stream_text(
     seed: int | None = DEFAULT_SEED,
     stop: str | None = None,
     device: str = "auto",
+    quantize: str | None = None,
 ) -> TextStream:
     """Text pieces of one sample as they are produced: `start_text`, then up to `length` new tokens.
 
     `model` is a GPT (then `tokenizer` is required) or a checkpoint file / run dir (loaded on
     `device`). Options are checked and the prompt encoded before this returns."""
     settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed)
-    gpt, tok = load_model(model, tokenizer, device)
-    return TextStream(gpt, tok, start_text, settings, make_generator(gpt.tok_emb.weight.device, seed))
+    return load_sampler(model, tokenizer, device, 1, quantize).stream(start_text, settings)
 
 
 def generate_text(
@@ -327,6 +276,30 @@ def generate_text(
     seed: int | None = DEFAULT_SEED,
     stop: str | None = None,
     device: str = "auto",
+    quantize: str | None = None,
 ) -> str:
     """`start_text` and its continuation as one string; see `stream_text`."""
-    return "".join(stream_text(model, start_text, length, tokenizer, temperature, top_k, top_p, seed, stop, device))
+    return "".join(stream_text(model, start_text, length, tokenizer, temperature, top_k, top_p, seed, stop,
+                               device, quantize))
+
+
+def generate_texts(
+    model: GPT | str | Path,
+    prompts: Sequence[str],
+    length: int = DEFAULT_LENGTH,
+    tokenizer: Tokenizer | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int | None = DEFAULT_TOP_K,
+    top_p: float = DEFAULT_TOP_P,
+    seed: int | None = DEFAULT_SEED,
+    stop: str | None = None,
+    device: str = "auto",
+    quantize: str | None = None,
+) -> list[str]:
+    """One sample per prompt, decoded as one batch: `generate_texts(model, ["hello"] * 8)` gives
+    8 samples of "hello". Sample i draws from seed + i (see the module doc)."""
+    settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed)
+    pieces: list[list[str]] = [[] for _ in prompts]
+    for row, piece in load_sampler(model, tokenizer, device, max(1, len(prompts)), quantize).batch(prompts, settings):
+        pieces[row].append(piece)
+    return ["".join(p) for p in pieces]

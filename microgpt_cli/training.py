@@ -479,10 +479,10 @@ class Trainer:
         if run.step >= run.total_steps or over_everywhere:
             return self._end("nothing to do")
         self.files.start(run)
-        self.emit(self._started())
-        run.model.train()
-        self.window_start = time.perf_counter()
-        with stop_requests() as signals:
+        with stop_requests() as signals:  # from the start line on, Ctrl-C ends the run with a save
+            self.emit(self._started())
+            run.model.train()
+            self.window_start = time.perf_counter()
             while True:
                 began = time.perf_counter()
                 self._step()

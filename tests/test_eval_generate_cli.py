@@ -63,6 +63,13 @@ def test_generate_samples_prompt_file_and_stop(make_checkpoint: Callable[..., Pa
     greedy = generate_text(ckpt, "The quick", 30, temperature=0, device="cpu")
     assert samples == [greedy] * 3
 
+    run = microgpt("generate", "-c", ckpt, "--prompt", "The quick", "--num-samples", "3", "--length", "30",
+                   "--temperature", "1", "--seed", "7", cwd=tmp_path, check=False)
+    samples = run.stdout.removesuffix("\n").split("\n\n---\n\n")
+    # One batch, sample i drawn from seed + i: each is the sample that seed gives alone.
+    assert samples == [generate_text(ckpt, "The quick", 30, temperature=1, seed=7 + i, device="cpu") for i in range(3)]
+    assert "90 tokens in 3 samples" in run.stderr
+
     stop = greedy[12:14]
     run = microgpt("generate", "-c", ckpt, "--prompt", "The quick", "--temperature", "0", "--stop", stop,
                    cwd=tmp_path, check=False)
@@ -83,6 +90,9 @@ def test_bad_input_is_one_clear_line(make_checkpoint: Callable[..., Path], data_
         "top-p above 1": (["generate", "-c", ckpt, "--top-p", "1.5"], "--top-p"),
         "negative length": (["generate", "-c", ckpt, "--length", "-1"], "--length"),
         "no samples": (["generate", "-c", ckpt, "--num-samples", "0"], "--num-samples"),
+        "too many samples": (["generate", "-c", ckpt, "--num-samples", "1025"], "--num-samples"),
+        "unknown quantize": (["generate", "-c", ckpt, "--quantize", "int4"], "--quantize"),
+        "unknown eval quantize": (["eval", "-c", ckpt, "--data", data_dir, "--quantize", "fp8"], "--quantize"),
         "two prompts": (["generate", "-c", ckpt, "--prompt", "a", "--prompt-file", "p.txt"], "not both"),
         "missing checkpoint": (["generate", "-c", "nope.pt"], "does not exist"),
         "truncated checkpoint": (["generate", "-c", "truncated.pt"], "truncated"),

@@ -196,13 +196,6 @@ def start_training(*args: object) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def small_run(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     """A finished 10-step run with an evaluation at step 10."""
@@ -220,9 +213,11 @@ def files_of(run: Path) -> dict[str, bytes]:
 def test_a_second_train_on_the_same_dir_is_refused_naming_the_first(small_run: Path, data_dir: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     first = start_training("--data", data_dir, "--out", small_run, *TINY, "--resume", "--max-steps", "1000000",
-                           "--eval-interval", "1000000")
+                           "--eval-interval", "1000000", "--log-interval", "1000000")  # it writes nothing meanwhile
     try:
-        wait_for(lambda: (small_run / ".lock").exists() and (small_run / ".lock").read_text().strip() != "")
+        assert first.stderr is not None
+        assert "resuming at step 10" in first.stderr.readline()  # the run has begun, holding the lock
+        assert (small_run / ".lock").read_text().strip() == str(first.pid)
         before = files_of(small_run)
         code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", small_run, *TINY, "--force")
         assert_one_error_line(code, err, str(small_run), "in use", f"PID {first.pid}")

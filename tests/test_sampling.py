@@ -1,4 +1,4 @@
-"""KV-cache decoding, sampling and text streaming, on tiny random models."""
+"""Sampling and text streaming, alone and in batches, on tiny random models."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from microgpt_cli.config import InvalidSetting
+from microgpt_cli.engine import sample_next
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model import GPT
-from microgpt_cli.sampling import Decoder, Detokenizer, generate_text, sample_next, stream_text
+from microgpt_cli.sampling import Detokenizer, generate_text, generate_texts, stream_text
 from microgpt_cli.tokenizer import Tokenizer, named, train_bpe, train_char
 
 from conftest import TINY_TEXT, tiny_model
@@ -27,23 +28,6 @@ def uncached_greedy(model: GPT, ids: list[int], length: int) -> list[int]:
             logits = model(seq[:, -model.config.context :])[:, -1]
             seq = torch.cat((seq, logits.argmax(-1, keepdim=True)), dim=1)
     return seq[0, len(ids) :].tolist()
-
-
-@pytest.mark.parametrize("position", ["learned", "rope"])
-def test_cached_logits_match_uncached(position: str) -> None:
-    model = tiny_model(40, position=position, qk_norm=position == "rope")
-    context = model.config.context
-    seq = torch.randint(0, 40, (2, 3 * context), generator=torch.Generator().manual_seed(0))
-    decoder = Decoder(model, batch_size=2)
-    with torch.inference_mode():
-        logits = decoder.prefill(seq[:, :5])
-        for t in range(5, seq.size(1)):
-            # Until the cache first fills, the cached model sees exactly the whole sequence; after a
-            # slide it sees the newest tokens from position 0, i.e. the sequence since the slide.
-            window = seq[:, :t] if t <= context else seq[:, t - decoder.cache.pos : t]
-            torch.testing.assert_close(logits, model(window)[:, -1], atol=1e-5, rtol=1e-5)
-            logits = decoder.step(seq[:, t : t + 1])
-            assert 0 < decoder.cache.pos <= context
 
 
 def test_sliding_window_past_context_matches_uncached_greedy_within_first_window(char_tokenizer: Tokenizer) -> None:
@@ -84,12 +68,12 @@ def test_greedy_top_k_1_and_tiny_top_p_agree(char_tokenizer: Tokenizer) -> None:
 def test_top_k_and_top_p_keep_only_the_likeliest_tokens() -> None:
     logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
     g = torch.Generator().manual_seed(0)
-    draw = lambda **kw: {int(sample_next(logits, 1.0, generator=g, **kw)) for _ in range(300)}
+    draw = lambda **kw: {int(sample_next(logits, 1.0, generators=[g], **kw)) for _ in range(300)}
     assert draw(top_k=2, top_p=1.0) == {1, 3}
     assert draw(top_k=None, top_p=0.5) == {1, 3}  # 0.4 < 0.5, so the 0.3 token is needed too
     assert draw(top_k=None, top_p=0.4) == {1}
     assert draw(top_k=None, top_p=1.0) == {0, 1, 2, 3}
-    assert int(sample_next(logits, 0.0, None, 1.0, None)) == 1
+    assert int(sample_next(logits, 0.0, None, 1.0, [None])) == 1
 
 
 def test_stop_string_ends_the_sample_and_is_not_printed(char_tokenizer: Tokenizer) -> None:
@@ -153,6 +137,7 @@ def test_empty_prompt_starts_from_a_document_boundary(char_tokenizer: Tokenizer)
     gpt2 = named("gpt2")
     model = tiny_model(gpt2.vocab_size, n_embed=16)
     assert generate_text(model, "", 5, gpt2, temperature=0) == gpt2.decode(uncached_greedy(model, [50256], 5))
+    assert gpt2.eot_id == 50256
 
     no_newline = train_char(["abc"])
     with pytest.raises(MicroGPTError, match="--prompt"):
@@ -203,20 +188,6 @@ def test_unknown_character_and_missing_tokenizer_are_clear_errors(char_tokenizer
         stream_text(model, "Hi")
 
 
-def test_decoding_copy_is_made_once_and_matches_the_model() -> None:
-    from microgpt_cli.sampling import RowMajorLinear, decoding_model
-
-    model = tiny_model(40)
-    fast = decoding_model(model)
-    assert fast is not model and decoding_model(fast) is fast
-    assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
-    assert any(isinstance(m, RowMajorLinear) for m in fast.modules())
-    assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the caller's model is untouched
-    idx = torch.randint(0, 40, (2, 16))
-    with torch.no_grad():
-        assert torch.allclose(model(idx), fast(idx), atol=1e-5)
-
-
 @pytest.mark.parametrize("options", [dict(temperature=1.1e-308, top_k=5, top_p=1.0), dict(temperature=1e-31, top_k=None,
                                                                                        top_p=1.0),
                                      dict(temperature=1.0, top_k=None, top_p=1e-320), dict(temperature=1e308, top_k=3,
@@ -224,7 +195,43 @@ def test_decoding_copy_is_made_once_and_matches_the_model() -> None:
 def test_extreme_sampling_settings_still_pick_a_real_token(options: dict) -> None:
     """Found by fuzzing: a temperature or top-p that float32 rounds to 0 used to give NaN probabilities."""
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.9, 0.0]])
-    token = sample_next(logits, generator=torch.Generator().manual_seed(0), **options)
-    assert token.shape == (1, 1) and 0 <= token.item() < 5
+    token = sample_next(logits, generators=[torch.Generator().manual_seed(0)], **options)
+    assert token.shape == (1,) and 0 <= token.item() < 5
     if options["temperature"] <= 1:
         assert token.item() == 1  # greedy in the limit: the likeliest token
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_each_row_of_a_batch_is_what_its_prompt_gives_alone(char_tokenizer: Tokenizer, temperature: float) -> None:
+    """Prompts of different lengths (one past the context) share a batch; each row slides on its
+    own schedule and draws from seed + row, so it equals that prompt decoded alone."""
+    model = tiny_model(char_tokenizer.vocab_size, position="rope")
+    prompts = ["H", "Hello wor", TINY_TEXT[:40], "The quick"]
+    length = 3 * model.config.context
+    batch = generate_texts(model, prompts, length, char_tokenizer, temperature=temperature, top_k=None, seed=11)
+    alone = [generate_text(model, p, length, char_tokenizer, temperature=temperature, top_k=None, seed=11 + i)
+             for i, p in enumerate(prompts)]
+    assert batch == alone
+    assert len(set(batch)) == len(prompts)
+
+
+def test_greedy_samples_all_equal_the_single_greedy_sample(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size)
+    single = generate_text(model, "The", 40, char_tokenizer, temperature=0)
+    assert generate_texts(model, ["The"] * 5, 40, char_tokenizer, temperature=0) == [single] * 5
+    sampled = generate_texts(model, ["The"] * 5, 40, char_tokenizer, temperature=1.0, seed=3)
+    assert len(set(sampled)) == 5  # one prompt prefilled once, then forked: the rows still differ
+
+
+def test_rows_of_a_batch_stop_on_their_own(char_tokenizer: Tokenizer) -> None:
+    model = tiny_model(char_tokenizer.vocab_size)
+    full = generate_texts(model, ["The"] * 3, 60, char_tokenizer, temperature=1.0, seed=5)
+    stop = full[1][10:12]
+    stopped = generate_texts(model, ["The"] * 3, 60, char_tokenizer, temperature=1.0, seed=5, stop=stop)
+    for text, whole in zip(stopped, full):
+        new = whole[3:]
+        assert text == "The" + (new[: new.index(stop)] if stop in new else new)
+    assert len(stopped[1]) < len(full[1])

@@ -1,0 +1,289 @@
+"""The inference engine: token ids in, next-token logits and sampled ids out. It knows nothing of
+tokenizers or text (sampling.py turns it into text), and is shared by `generate`, the Python API
+and the server.
+
+- Slots: the engine decodes up to `slots` sequences at once, each with its own length, in one
+  preallocated KV cache. Prompts of different lengths can share a batch; a sequence can start in
+  a free slot while the others are mid-way (the server's continuous batching).
+- CPU: exact fp32 (these CPUs have no bf16 units); linear layers are stored transposed, or as
+  int8 weights with `quantize="int8"` (see quantize.py).
+- CUDA: bf16 weights and cache; the one-token step runs over the whole static cache with a mask,
+  so its shapes never change, and is captured once per batch size in a CUDA graph that replays
+  the ~100 kernels of a step with one launch.
+- Past the context window a sequence slides: see `Engine.step`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from microgpt_cli.config import ModelConfig
+from microgpt_cli.device import free_memory
+from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.model import GPT
+
+GREEDY_BELOW = 1e-30  # temperatures under this sample as 0 does: float32 cannot divide by much less
+MAX_SLOTS = 1024
+
+
+class SlotCache:
+    """Keys and values of every layer for `slots` sequences (implements model.KVCache).
+
+    Preallocated at the full context, so a step writes one position per sequence instead of
+    growing tensors. Before each forward the engine says what it is: a prefill of one slot from
+    position 0, or a step of slots 0..n-1, each at its own position."""
+
+    def __init__(self, config: ModelConfig, slots: int, device: torch.device, dtype: torch.dtype):
+        shape = (config.n_layer, slots, config.n_head, config.context, config.head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_index = torch.arange(config.context, device=device)
+        self.row_index = torch.arange(slots, device=device)
+        self.positions = self.key_index[:0].unsqueeze(0)
+        self.mask: torch.Tensor | None = None
+        self._rows = slice(0, 1)
+        self._span = 0
+        self._write_at: torch.Tensor | None = None  # (n,) positions of a step; None for a prefill
+
+    def for_prefill(self, slot: int, length: int) -> SlotCache:
+        self._rows, self._span, self._write_at, self.mask = slice(slot, slot + 1), length, None, None
+        self.positions = self.key_index[:length].unsqueeze(0)
+        return self
+
+    def for_step(self, positions: torch.Tensor, span: int) -> SlotCache:
+        """A step of slots 0..n-1 (n = len(positions)), attending to the first `span` cache
+        positions, of which each row sees those up to its own."""
+        n = positions.size(0)
+        self._rows, self._span, self._write_at = slice(0, n), span, positions
+        self.positions = positions.unsqueeze(1)  # (n, 1)
+        self.mask = (self.key_index[:span].unsqueeze(0) <= self.positions).view(n, 1, 1, span)
+        return self
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer, self._rows], self.values[layer, self._rows]  # views, (n, nh, context, hs)
+        if self._write_at is None:
+            keys[:, :, : k.size(2)] = k
+            values[:, :, : v.size(2)] = v
+        else:
+            rows = self.row_index[: k.size(0)]
+            keys[rows, :, self._write_at] = k[:, :, 0]
+            values[rows, :, self._write_at] = v[:, :, 0]
+        return keys[:, :, : self._span], values[:, :, : self._span]
+
+
+class RowMajorLinear(nn.Module):
+    """nn.Linear for decoding on CPU, with its weight stored transposed and contiguous: a few
+    tokens' matrix product then runs as a row-major GEMM, about 2x faster than the BLAS
+    matrix-vector kernel nn.Linear reaches (measured on the GPT-2-vocabulary head: 7 vs 15 ms)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = linear.weight.detach().t().contiguous()  # (in, out)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+def replace_linears(model: nn.Module, make: type[nn.Module]) -> None:
+    """Replace every nn.Linear in `model` by `make(linear)`, in place."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, make(child))
+
+
+def inference_model(model: GPT, quantize: str | None = None) -> GPT:
+    """A copy of `model` to decode with (the caller's model is never changed): on CPU with
+    RowMajorLinear layers (or int8 ones), on CUDA in bf16."""
+    device = model.tok_emb.weight.device
+    quantize = None if quantize == "none" else quantize
+    if quantize not in (None, "int8"):
+        raise MicroGPTError(f"unknown quantize {quantize!r}; use none or int8")
+    if quantize is not None and device.type != "cpu":
+        raise MicroGPTError(f"--quantize {quantize} runs on CPU only; on {device.type} the engine decodes "
+                            "with bf16 weights already")
+    fast = copy.deepcopy(model).eval()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    if device.type == "cuda":
+        return fast.to(torch.bfloat16)
+    if device.type != "cpu":
+        return fast
+    if quantize == "int8":
+        from microgpt_cli.quantize import quantize_int8
+
+        return quantize_int8(fast)  # type: ignore[return-value]
+    replace_linears(fast, RowMajorLinear)
+    return fast
+
+
+class Engine:
+    """A model ready to decode up to `slots` sequences at once.
+
+    `prefill(slot, ids)` starts the sequence of a slot; `step(tokens)` appends one token to each
+    of slots 0..n-1 and returns their next-token logits. Logits are float32 on every device.
+
+    Positions never go past the context the model was trained on. When a sequence fills the
+    window, its newest `context // 2` tokens (the new one included) are re-prefilled from
+    position 0, as the start of a fresh window. That costs a prefill of context/2 tokens once
+    every context/2 steps (under one extra token per step, amortized), while the model always
+    keeps at least half a window of history; each slot slides on its own schedule, so a
+    sequence decodes the same whether or not others share its batch."""
+
+    def __init__(self, model: GPT, slots: int = 1, quantize: str | None = None, graphs: bool | None = None):
+        if not 1 <= slots <= MAX_SLOTS:
+            raise MicroGPTError(f"the batch must hold 1 to {MAX_SLOTS:,} sequences, got {slots:,}")
+        self.config = model.config
+        self.num_params = model.num_params()
+        self.model = inference_model(model, quantize)
+        weight = self.model.tok_emb.weight
+        self.device = weight.device
+        c = self.config
+        cache_bytes = 2 * c.n_layer * slots * c.context * c.n_embed * weight.element_size()
+        free = free_memory(self.device)
+        if free is not None and cache_bytes > free:
+            raise MicroGPTError(f"a batch of {slots:,} sequences needs {cache_bytes / 1e9:,.1f} GB of KV cache, more "
+                                f"than the {free / 1e9:,.1f} GB free on {self.device}; decode fewer at once")
+        self.slots = slots
+        self.context = self.config.context
+        self.keep = max(1, self.context // 2)
+        self.cache = SlotCache(self.config, slots, self.device, weight.dtype)
+        self.lengths = [0] * slots  # tokens each slot's cache holds, mirrored on the device:
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.history = torch.zeros((slots, self.context), dtype=torch.long, device=self.device)  # to slide
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise MicroGPTError("CUDA graphs need a CUDA device")
+        self._captured: dict[int, _CapturedStep] = {}
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Start slot `slot` over from `ids`, of which the last `context` are kept; the next-token logits (vocab,)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)[-self.context :]
+        if ids.numel() == 0:
+            raise ValueError("prefill needs at least one token")
+        length = ids.numel()
+        logits = self.model(ids.unsqueeze(0), cache=self.cache.for_prefill(slot, length))[0, -1]
+        self.history[slot, :length] = ids
+        self._set_length(slot, length)
+        return logits.float()
+
+    @torch.inference_mode()
+    def fork(self, source: int, targets: Sequence[int]) -> None:
+        """Copy the sequence of slot `source` into the `targets` slots (one prompt, many samples)."""
+        for target in targets:
+            for store in (self.cache.keys, self.cache.values):
+                store[:, target] = store[:, source]
+            self.history[target] = self.history[source]
+            self._set_length(target, self.lengths[source])
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens[i] to the sequence of slot i, for i < n = len(tokens); next-token logits (n, vocab)."""
+        n = tokens.size(0)
+        for row in range(n):
+            if self.lengths[row] == self.context:
+                self._slide(row)
+        self.history[self.cache.row_index[:n], self.positions[:n]] = tokens
+        if self.graphs:
+            if n not in self._captured:
+                self._captured[n] = _CapturedStep(self, n)
+            logits = self._captured[n](tokens)
+        else:
+            logits = self.forward_step(tokens, max(self.lengths[:n]) + 1)
+        self.positions[:n] += 1
+        for row in range(n):
+            self.lengths[row] += 1
+        return logits
+
+    def forward_step(self, tokens: torch.Tensor, span: int) -> torch.Tensor:
+        """The model over one new token per slot 0..n-1, attending to the first `span` positions
+        of the cache (the whole context when captured, so that shapes never change)."""
+        n = tokens.size(0)
+        cache = self.cache.for_step(self.positions[:n], span)
+        return self.model(tokens.view(n, 1), cache=cache)[:, -1].float()
+
+    def _slide(self, row: int) -> None:
+        kept = self.history[row, self.context - self.keep + 1 :].clone()  # the new token makes `keep`
+        if kept.numel():
+            self.prefill(row, kept)
+        else:
+            self._set_length(row, 0)
+
+    def _set_length(self, slot: int, length: int) -> None:
+        self.lengths[slot] = length
+        self.positions[slot] = length
+
+
+class _CapturedStep:
+    """Engine.forward_step for n slots over the whole cache, recorded once in a CUDA graph and
+    replayed per token: inputs and outputs live in fixed buffers the graph reads and writes."""
+
+    def __init__(self, engine: Engine, n: int):
+        self.tokens = torch.zeros(n, dtype=torch.long, device=engine.device)
+        # Kernels run once outside the graph before capture (cuBLAS picks its algorithms, memory
+        # pools warm up); the writes they make land at positions the real step then overwrites.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                engine.forward_step(self.tokens, engine.context)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = engine.forward_step(self.tokens, engine.context)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+
+def make_generators(device: torch.device, seed: int | None, n: int) -> list[torch.Generator]:
+    """One random stream per sample: sample i draws from seed + i, so it is the same sample
+    whether it is decoded alone (with that seed) or in a batch."""
+    generators = []
+    for i in range(n):
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed + i)
+        generators.append(generator)
+    return generators
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, vocab), row i drawing from generators[i]."""
+    logits = logits.float()
+    if temperature < GREEDY_BELOW:  # 0, or so small that it is greedy in all but float32 overflow
+        return logits.argmax(dim=-1)
+    # With top-k, the rest works on the k best logits of each row only (k of ~50k for GPT-2).
+    candidates = None
+    if top_k is not None and top_k < logits.size(-1):
+        logits, candidates = torch.topk(logits, top_k, dim=-1)  # (B, k), likeliest first
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others
+    # to -inf (greedy in the limit) instead of overflowing every logit to inf and softmax to NaN.
+    probs = F.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token once the likelier ones before it already cover top_p; the likeliest always stays.
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop[:, 0] = False  # even where top_p rounds to 0 in float32
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    # The exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. draws token t with probability
+    # p_t, like torch.multinomial, but with each row's noise from its own generator and the pick
+    # itself batched. A zero probability never wins.
+    noise = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(generator=generator)
+    picked = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+    return picked if candidates is None else candidates.gather(-1, picked[:, None])[:, 0]
