@@ -57,7 +57,8 @@ typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-ass
 app = typer.Typer(
     name="microgpt",
     help="Train small GPT language models on your own text, evaluate them, and sample from them.\n\n"
-    "microgpt prepare input.txt → microgpt train → microgpt eval → microgpt generate --prompt hello",
+    "microgpt prepare input.txt → microgpt train → microgpt eval → microgpt generate --prompt hello "
+    "(or microgpt serve)",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
@@ -442,6 +443,39 @@ def generate(
     samples = f" in {num_samples} samples" if num_samples > 1 else ""
     stderr.print(f"[dim]{batch.new_tokens} tokens{samples} in {batch.seconds:.2f}s ({rate:.1f} tokens/s; "
                  f"first after {batch.first_token_seconds:.2f}s)[/]", highlight=False)
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    checkpoint: CheckpointOpt = Path("out"),
+    host: Annotated[str, typer.Option(
+        help="Address to listen on; 0.0.0.0 for every network interface (then set --api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="MICROGPT_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 route.",
+        show_default=False)] = None,
+    max_batch: Annotated[int, typer.Option(
+        help="Samples decoded at once; concurrent requests share the batch (continuous batching).")] = 8,
+    max_tokens_limit: Annotated[int, typer.Option(
+        help="The most new tokens one request may ask for (and its default max_tokens for chat).")] = 1024,
+    quantize: QuantizeOpt = "none",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve a checkpoint over HTTP: an OpenAI-compatible API under /v1 and a web playground at /."""
+    from microgpt_cli.engine import MAX_SLOTS
+    from microgpt_cli.server import serve as run_server
+
+    if not 1 <= max_batch <= MAX_SLOTS:
+        raise MicroGPTError(f"--max-batch must be between 1 and {MAX_SLOTS:,}, got {max_batch:,}")
+
+    def announce(line: str) -> None:
+        stderr.print(escape(line), highlight=False, soft_wrap=True)
+
+    run_server(checkpoint, host, port, api_key, max_batch, max_tokens_limit, device, quantize, announce)
+    stderr.print("stopped", highlight=False)
 
 
 # --- info, plot, export ----------------------------------------------------------------------

@@ -210,6 +210,11 @@ class Engine:
         cache = self.cache.for_step(self.positions[:n], span)
         return self.model(tokens.view(n, 1), cache=cache)[:, -1].float()
 
+    def release(self, slot: int) -> None:
+        """Mark a slot free: it holds nothing, and a step that includes it (to reach slots after it)
+        only writes its position 0."""
+        self._set_length(slot, 0)
+
     def _slide(self, row: int) -> None:
         kept = self.history[row, self.context - self.keep + 1 :].clone()  # the new token makes `keep`
         if kept.numel():

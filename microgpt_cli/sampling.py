@@ -37,12 +37,12 @@ DEFAULT_TOP_P, DEFAULT_SEED = _DEFAULTS.top_p, _DEFAULTS.seed
 
 class Detokenizer:
     """Token ids in, text pieces out: bytes are decoded incrementally so a character split across
-    tokens comes out whole, and text that could be the start of the stop string is held back
-    until it is known not to be."""
+    tokens comes out whole, and text that could be the start of a stop string is held back until
+    it is known not to be. `stop` is one string or several (the earliest match ends the text)."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: str | None = None):
+    def __init__(self, tokenizer: Tokenizer, stop: str | Sequence[str] | None = None):
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.stops = tuple(s for s in ([stop] if isinstance(stop, str) else stop or ()) if s)
         self.stopped = False
         # "replace" only fires for bytes that can never become valid UTF-8 (or, at finish(), an
         # incomplete tail); an incomplete character is buffered until its other bytes arrive.
@@ -61,17 +61,21 @@ class Detokenizer:
         if self.stopped:
             return ""
         pending = self._pending + text
-        if not self.stop:
+        if not self.stops:
             self._pending = ""
             return pending
-        at = pending.find(self.stop)
-        if at >= 0:
+        found = [at for at in (pending.find(stop) for stop in self.stops) if at >= 0]
+        if found:
             self.stopped, self._pending = True, ""
-            return pending[:at]
-        longest = min(len(self.stop) - 1, len(pending))
-        hold = next((n for n in range(longest, 0, -1) if pending.endswith(self.stop[:n])), 0)
+            return pending[: min(found)]
+        hold = max(self._partial(pending, stop) for stop in self.stops)
         self._pending = pending[len(pending) - hold :]
         return pending[: len(pending) - hold]
+
+    @staticmethod
+    def _partial(text: str, stop: str) -> int:
+        """The length of the longest end of `text` that starts `stop`."""
+        return next((n for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])), 0)
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:

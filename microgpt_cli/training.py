@@ -435,6 +435,9 @@ def train(
         except RuntimeError as exc:
             if not world.distributed:
                 raise
+            # Leaving with an error: torchrun's SIGTERM to the surviving ranks must not cut the
+            # process down before it has said why (it still SIGKILLs a rank that hangs).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise MicroGPTError(f"a peer process failed or vanished ({str(exc).splitlines()[0]}); "
                                 f"{run.out / 'last.pt'} from the last save is intact: restart with --resume") from exc
         finally:

@@ -1,0 +1,207 @@
+"""Continuous batching: many concurrent requests decoded together through one engine.
+
+A background thread owns the engine. Each step it admits waiting requests into free slots (one
+slot per sample; a prompt is prefilled once and forked for its n samples), samples one token for
+every active slot, hands each request its new text, and frees the slots of finished or cancelled
+requests. So a request joins at the next step boundary instead of waiting for the batch in front
+of it, and a client that goes away frees its slots at the next step.
+
+Requests are id-level plus text: the batcher detokenizes (never splitting a UTF-8 character) and
+applies stop strings, so a server only moves text.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from microgpt_cli.engine import make_generators, sample_next
+from microgpt_cli.sampling import Detokenizer, Sampler
+
+log = logging.getLogger("microgpt.serve")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """New text of one sample of a request (`index`), or its end when `finish_reason` is set
+    ("stop": a stop string or the end-of-text token; "length": max_tokens reached or the server
+    is stopping; "error": decoding failed, which the server logs)."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    tokens: int = 0  # with finish_reason: the sample's completion tokens
+
+
+@dataclass
+class Request:
+    """One prompt to continue `n` times; `deliver` gets Pieces from the batcher's thread."""
+
+    ids: list[int]
+    max_tokens: int
+    n: int
+    temperature: float
+    top_k: int | None
+    top_p: float
+    stop: Sequence[str]
+    seed: int | None
+    deliver: Callable[[Piece], None]
+    cancelled: bool = False
+    admitted: float | None = None  # when its prefill started (perf_counter)
+    queued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Sample:
+    request: Request
+    index: int
+    text: Detokenizer
+    generator: torch.Generator
+    tokens: int = 0
+
+
+class Batcher:
+    """Decodes the requests given to `submit` in batches of up to `sampler.engine.slots` samples."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.engine = sampler.engine
+        self.slots: list[_Sample | None] = [None] * self.engine.slots
+        self.logits = torch.zeros((self.engine.slots, sampler.vocab), device=self.engine.device)
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.eot = sampler.tokenizer.eot_id
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="microgpt-batcher", daemon=True)
+        self.steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        if request.n > self.engine.slots:
+            raise ValueError(f"n={request.n} is more than the {self.engine.slots} slots")
+        self.waiting.put(request)
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        """End every request at the next step (finish_reason "length"), then stop the thread."""
+        self._stopping.set()
+        self._wake.set()
+
+    def stop(self) -> None:
+        """request_stop, and wait for the thread to end."""
+        self.request_stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                try:
+                    self._admit()
+                    if self.active == 0:  # idle: sleep until a request arrives
+                        self._wake.wait(timeout=1.0)
+                        self._wake.clear()
+                        continue
+                    self._step()
+                except Exception:  # a bug, or out of memory: fail the batch, keep serving
+                    log.exception("decoding failed; the requests in the batch get an error")
+                    for slot, sample in enumerate(self.slots):
+                        if sample is not None:
+                            self._finish(slot, "error")
+            for slot, sample in enumerate(self.slots):
+                if sample is not None:
+                    self._finish(slot, "length")
+            while not self.waiting.empty():
+                request = self.waiting.get()
+                for i in range(request.n):
+                    request.deliver(Piece(i, "", "length"))
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots, first come first served."""
+        while not self.waiting.empty():
+            free = [slot for slot, sample in enumerate(self.slots) if sample is None]
+            request = self.waiting.queue[0]
+            if request.cancelled:
+                self.waiting.get()
+                continue
+            if request.max_tokens == 0:
+                self.waiting.get()
+                for i in range(request.n):
+                    request.deliver(Piece(i, "", "length"))
+                continue
+            if len(free) < request.n:
+                return
+            self.waiting.get()
+            request.admitted = time.perf_counter()
+            slots = free[: request.n]
+            self.logits[slots[0]] = self.engine.prefill(slots[0], request.ids)[: self.sampler.vocab]
+            self.engine.fork(slots[0], slots[1:])
+            self.logits[slots[1:]] = self.logits[slots[0]].clone()
+            generators = make_generators(self.engine.device, request.seed, request.n)
+            for i, slot in enumerate(slots):
+                self.slots[slot] = _Sample(request, i, Detokenizer(self.sampler.tokenizer, request.stop), generators[i])
+
+    def _step(self) -> None:
+        active = [slot for slot, sample in enumerate(self.slots) if sample is not None]
+        n = active[-1] + 1
+        tokens = torch.zeros(n, dtype=torch.long, device=self.engine.device)
+        # Rows that sample alike are sampled together; each keeps its own random stream.
+        groups: dict[tuple[float, int | None, float], list[int]] = {}
+        for slot in active:
+            r = self.slots[slot].request  # type: ignore[union-attr]
+            groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(slot)
+        for (temperature, top_k, top_p), rows in groups.items():
+            generators = [self.slots[row].generator for row in rows]  # type: ignore[union-attr]
+            tokens[rows] = sample_next(self.logits[rows], temperature, top_k, top_p, generators)
+        new = tokens.tolist()
+        for slot in active:
+            self._deliver(slot, new[slot])
+        for slot in range(n):
+            if self.slots[slot] is None:
+                self.engine.release(slot)
+        self.logits[:n] = self.engine.step(tokens)[:, : self.sampler.vocab]
+        self.steps += 1
+
+    def _deliver(self, slot: int, token: int) -> None:
+        sample = self.slots[slot]
+        assert sample is not None
+        if sample.request.cancelled:
+            self._finish(slot, None)
+            return
+        if token == self.eot:
+            self._finish(slot, "stop")
+            return
+        sample.tokens += 1
+        piece = sample.text.push(token)
+        if sample.text.stopped:
+            if piece:
+                sample.request.deliver(Piece(sample.index, piece))
+            self._finish(slot, "stop")
+        elif sample.tokens >= sample.request.max_tokens:
+            tail = sample.text.finish()
+            if piece or tail:
+                sample.request.deliver(Piece(sample.index, piece + tail))
+            self._finish(slot, "length")
+        elif piece:
+            sample.request.deliver(Piece(sample.index, piece))
+
+    def _finish(self, slot: int, reason: str | None) -> None:
+        sample = self.slots[slot]
+        assert sample is not None
+        self.slots[slot] = None
+        self.engine.release(slot)
+        if reason is not None:
+            tail = sample.text.finish() if reason == "length" and not sample.text.stopped else ""
+            sample.request.deliver(Piece(sample.index, tail, reason, sample.tokens))
