@@ -83,7 +83,9 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(model_file: Path) -> Iterator[Served]:
     served = Served(model_file, "--max-batch", "4", "--max-tokens-limit", "500")
     yield served
-    served.stop()
+    code, err = served.stop()
+    assert code == 0 and "Traceback" not in err, err  # client errors are one log line each, never a traceback
+    assert "POST /v1/completions 400" in err and "POST /v1/completions 401" in err
 
 
 @pytest.fixture
@@ -107,6 +109,13 @@ def test_completions_with_the_openai_client(client: openai.OpenAI, model_file: P
                                       temperature=1.0, seed=5)
     assert [c.text for c in several.choices] == [c.text for c in again.choices]  # the seed decides
     assert several.choices[0].text != several.choices[1].text  # sample i draws from seed + i
+
+    long_prompt = "ROMEO: " * 20  # 140 characters, the context is 64
+    truncated = client.completions.create(model="run", prompt=long_prompt, max_tokens=5, temperature=0)
+    assert truncated.model_extra["prompt_truncated_to"] == 64  # type: ignore[index]
+    assert truncated.choices[0].text == generate_text(model_file, long_prompt[-64:], 5, temperature=0,
+                                                      device="cpu")[64:]
+    assert "prompt_truncated_to" not in (result.model_extra or {})
 
     stop = choice.text[5:7]
     stopped = client.completions.create(model="run", prompt="ROMEO:", max_tokens=20, temperature=0, stop=[stop, "zzz"])
