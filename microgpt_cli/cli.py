@@ -445,6 +445,26 @@ def generate(
                  f"first after {batch.first_token_seconds:.2f}s)[/]", highlight=False)
 
 
+# --- import ----------------------------------------------------------------------------------
+
+
+@app.command("import")
+def import_command(
+    source: Annotated[str, typer.Argument(
+        help="A Hugging Face GPT-2 model dir, a Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2; "
+             "needs the network or the Hub cache) or a dir made by `microgpt export`.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write.", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Import pretrained GPT-2 weights as a microgpt checkpoint, for info, eval, generate, serve and export."""
+    from microgpt_cli.pretrained import import_model
+
+    path, model = import_model(source, out, force)
+    c = model.config
+    stderr.print(f"wrote {escape(str(path))}: {model.num_params() / 1e6:.2f}M parameters ({c.n_layer} layers x "
+                 f"{c.n_embed}, {c.n_head} heads, context {c.context}), gpt2 tokenizer", highlight=False)
+
+
 # --- serve -----------------------------------------------------------------------------------
 
 

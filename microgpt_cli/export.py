@@ -34,7 +34,7 @@ CONFIG_FILE = "config.json"
 
 # Our names -> GPT-2's, for the tensors of block i. Linear weights are transposed because GPT-2
 # uses Conv1D layers, which store (in_features, out_features).
-_BLOCK_NAMES = {
+GPT2_BLOCK_NAMES = {
     "norm1.weight": "ln_1.weight", "norm1.bias": "ln_1.bias",
     "attn.qkv.weight": "attn.c_attn.weight", "attn.qkv.bias": "attn.c_attn.bias",
     "attn.proj.weight": "attn.c_proj.weight", "attn.proj.bias": "attn.c_proj.bias",
@@ -98,7 +98,7 @@ def _write_hf(directory: Path, state: Checkpoint) -> None:
     config, weights = state.model_config, state.model
     tensors = {"transformer.wte.weight": weights["tok_emb.weight"], "transformer.wpe.weight": weights["pos_emb.weight"]}
     for i in range(config.n_layer):
-        for ours, theirs in _BLOCK_NAMES.items():
+        for ours, theirs in GPT2_BLOCK_NAMES.items():
             tensor = weights[block_param(i, ours)]
             tensors[f"transformer.h.{i}.{theirs}"] = tensor.t() if tensor.dim() == 2 else tensor
     tensors["transformer.ln_f.weight"] = weights["norm.weight"]

@@ -18,7 +18,7 @@ from microgpt_cli import checkpoint, distributed
 from microgpt_cli.cli import app
 from microgpt_cli.config import ModelConfig, SamplingSettings, TrainConfig
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.export import _BLOCK_NAMES
+from microgpt_cli.export import GPT2_BLOCK_NAMES
 from microgpt_cli.model import BLOCK_MATRICES, BLOCK_PARAMS, GPT, TOP_LEVEL_PARAMS, block_param
 from microgpt_cli.training import build_run
 
@@ -79,7 +79,7 @@ def test_the_models_parameter_names_are_the_declared_contract() -> None:
     names = set(GPT(config).state_dict())
     declared = set(TOP_LEVEL_PARAMS) | {block_param(i, n) for i in range(2) for n in BLOCK_PARAMS}
     assert names == declared
-    assert set(_BLOCK_NAMES) == set(BLOCK_PARAMS) and set(BLOCK_MATRICES) <= set(BLOCK_PARAMS)
+    assert set(GPT2_BLOCK_NAMES) == set(BLOCK_PARAMS) and set(BLOCK_MATRICES) <= set(BLOCK_PARAMS)
     model = GPT(config)
     assert set(model.block_matrices()) == {block_param(i, n) for i in range(2) for n in BLOCK_MATRICES}
     assert all(p.dim() == 2 for p in model.block_matrices().values())

@@ -1,0 +1,179 @@
+"""`microgpt import`: pretrained GPT-2 weights in, an ordinary microgpt checkpoint out.
+
+Sources: a local Hugging Face GPT-2 directory (config.json + model.safetensors, or a
+pytorch_model.bin that loads with weights_only=True), a Hub name fetched through huggingface_hub
+and its cache, or a directory made by `microgpt export` (either format). Loading never runs code
+from the files: safetensors, or torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from microgpt_cli import checkpoint
+from microgpt_cli.config import Activation, ModelConfig
+from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.export import CONFIG_FILE, GPT2_BLOCK_NAMES, WEIGHTS_FILE, load_safetensors_export
+from microgpt_cli.model import GPT, block_param
+from microgpt_cli.tokenizer import GPT2_END_OF_TEXT, Tokenizer, named
+
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+HUB_FILES = [CONFIG_FILE, WEIGHTS_FILE]
+# transformers' names -> ours; our GELU is the tanh approximation, GPT-2's gelu_new.
+_ACTIVATIONS: dict[str, Activation] = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+
+
+def import_model(source: str, out: str | Path, force: bool = False) -> tuple[Path, GPT]:
+    """Write the checkpoint of `source` to `out` (refusing to replace a file unless `force`);
+    returns the path written and the model."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if out.is_dir():
+        raise MicroGPTError(f"{out} is a directory; --out takes the checkpoint file to write, e.g. gpt2.pt")
+    directory = _local_directory(source)
+    model, tokenizer = _load(directory)
+    checkpoint.save(out, checkpoint.Checkpoint.of(model, tokenizer))
+    return out, model
+
+
+def _local_directory(source: str) -> Path:
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise MicroGPTError(f"{source} is a file; pass a model directory (config.json + model.safetensors) or a "
+                            f"Hub name ({', '.join(HUB_NAMES)})")
+    if source not in HUB_NAMES:
+        raise MicroGPTError(f"{source} is neither a directory nor a known Hub name ({', '.join(HUB_NAMES)})")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=HUB_FILES))
+    except Exception as exc:  # huggingface_hub raises many kinds when offline or missing
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise MicroGPTError(f"cannot download {source}: no network or no cached copy ({first}); pass a local model "
+                            "directory") from None
+
+
+def _load(directory: Path) -> tuple[GPT, Tokenizer]:
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MicroGPTError(f"{directory} has no {CONFIG_FILE}: not a Hugging Face or microgpt model dir") from None
+    except (OSError, ValueError) as exc:
+        raise MicroGPTError(f"{directory / CONFIG_FILE} is not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise MicroGPTError(f"{directory / CONFIG_FILE} is not a model config")
+    if config.get("format") == "microgpt":  # export --format safetensors
+        return load_safetensors_export(directory)
+    model_config = _model_config(config, directory)
+    weights = _weights(directory)
+    state = _from_gpt2_names(weights, model_config, directory)
+    model = GPT(model_config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MicroGPTError(f"{directory}: the weights do not fit its config.json: {str(exc).splitlines()[1][:200]}"
+                            ) from None
+    exported = config.get("microgpt", {}).get("tokenizer", {}).get("kind")
+    if exported not in (None, "gpt2"):
+        raise MicroGPTError(f"{directory} was exported from a model with a {exported} tokenizer; import its "
+                            "`export --format safetensors` directory instead, which carries that tokenizer")
+    return model.eval(), named("gpt2")
+
+
+def _model_config(config: dict[str, Any], directory: Path) -> ModelConfig:
+    """The ModelConfig of a transformers GPT-2 config, or one line naming what cannot be represented."""
+    ours = config.get("microgpt", {}).get("model_config")
+    if isinstance(ours, dict):  # export --format hf: the exact settings ride along
+        try:
+            return ModelConfig(**ours)
+        except (TypeError, ValueError) as exc:
+            raise MicroGPTError(f"{directory / CONFIG_FILE}: invalid microgpt model_config: {exc}") from None
+    problems = []
+    if config.get("model_type") != "gpt2":
+        problems.append(f"model_type {config.get('model_type')!r} (only gpt2 is supported)")
+    activation = config.get("activation_function", "gelu_new")
+    if activation not in _ACTIVATIONS:
+        problems.append(f"activation_function {activation!r} (supported: {', '.join(_ACTIVATIONS)})")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if config.get(flag):
+            problems.append(f"{flag} (a scaled attention variant)")
+    if not config.get("scale_attn_weights", True):
+        problems.append("scale_attn_weights false")
+    if not config.get("tie_word_embeddings", True):
+        problems.append("an untied head (tie_word_embeddings false)")
+    n_embd, n_inner = config.get("n_embd"), config.get("n_inner")
+    if n_inner is not None and n_inner != 4 * (n_embd or 0):
+        problems.append(f"n_inner {n_inner} (microgpt's feed-forward is 4 x n_embd)")
+    if abs(float(config.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
+        problems.append(f"layer_norm_epsilon {config.get('layer_norm_epsilon')} (microgpt's LayerNorm uses 1e-5)")
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and vocab < GPT2_END_OF_TEXT + 1:
+        problems.append(f"vocab_size {vocab} (smaller than GPT-2's {GPT2_END_OF_TEXT + 1:,} tokens)")
+    if problems:
+        raise MicroGPTError(f"{directory} holds a model microgpt cannot represent: {'; '.join(problems)}")
+    try:
+        return ModelConfig(vocab_size=config["vocab_size"], n_layer=config["n_layer"], n_head=config["n_head"],
+                           n_embed=config["n_embd"], context=config["n_positions"], dropout=0.0, position="learned",
+                           norm="layernorm",
+                           activation=_ACTIVATIONS[activation], qk_norm=False, tie_weights=True, bias=True)
+    except KeyError as exc:
+        raise MicroGPTError(f"{directory / CONFIG_FILE} lacks {exc.args[0]}") from None
+    except (TypeError, ValueError) as exc:
+        raise MicroGPTError(f"{directory / CONFIG_FILE}: {exc}") from None
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if (directory / WEIGHTS_FILE).exists():
+        try:
+            return load_file(directory / WEIGHTS_FILE)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise MicroGPTError(f"{directory / WEIGHTS_FILE} is not a readable safetensors file (truncated or "
+                                f"corrupted?): {str(exc)[:200]}") from None
+    legacy = directory / "pytorch_model.bin"
+    if legacy.exists():
+        try:
+            with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing them
+                warnings.simplefilter("ignore")
+                state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise MicroGPTError(f"{legacy} asks to run code or load objects that weights_only loading refuses; "
+                                "convert it to model.safetensors") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise MicroGPTError(f"{legacy} is not a readable checkpoint: {str(exc).splitlines()[0][:200]}") from None
+        if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+            return state
+        raise MicroGPTError(f"{legacy} does not hold a plain dict of tensors")
+    raise MicroGPTError(f"{directory} has neither {WEIGHTS_FILE} nor pytorch_model.bin")
+
+
+def _from_gpt2_names(weights: dict[str, torch.Tensor], config: ModelConfig, directory: Path) -> dict[str, torch.Tensor]:
+    """GPT-2's tensor names (with or without the `transformer.` prefix) -> ours; Conv1D weights transposed."""
+    plain = {k.removeprefix("transformer."): v for k, v in weights.items()}
+    try:
+        state = {"tok_emb.weight": plain["wte.weight"], "pos_emb.weight": plain["wpe.weight"],
+                 "norm.weight": plain["ln_f.weight"], "norm.bias": plain["ln_f.bias"]}
+        for i in range(config.n_layer):
+            for ours, theirs in GPT2_BLOCK_NAMES.items():
+                tensor = plain[f"h.{i}.{theirs}"]
+                state[block_param(i, ours)] = tensor.t().contiguous() if tensor.dim() == 2 else tensor
+    except KeyError as exc:
+        raise MicroGPTError(f"{directory} lacks the tensor {exc.args[0]}: not a complete GPT-2") from None
+    if config.tie_weights:
+        state["head.weight"] = state["tok_emb.weight"]
+    elif "lm_head.weight" in weights:  # an untied microgpt model exported as hf
+        state["head.weight"] = weights["lm_head.weight"]
+    else:
+        raise MicroGPTError(f"{directory} lacks lm_head.weight for its untied head")
+    return {k: v.float() for k, v in state.items()}
