@@ -248,7 +248,7 @@ class _CapturedStep:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
         self.graph.replay()
-        return self.logits
+        return self.logits.clone()  # the next replay overwrites the buffer
 
 
 def make_generators(device: torch.device, seed: int | None, n: int) -> list[torch.Generator]:
