@@ -21,14 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 import torch
 
 from microgpt_cli import checkpoint
-from microgpt_cli.config import PRESETS, ModelConfig
+from microgpt_cli.config import ModelConfig, resolve
 from microgpt_cli.model import GPT
 from microgpt_cli.tokenizer import train_char
 
@@ -36,12 +35,13 @@ CORPUS = Path(__file__).resolve().parents[1] / "microgpt_cli" / "samples" / "tin
 REQUEST_SECONDS = 120.0
 
 
-def cpu_preset_checkpoint(path: Path) -> None:
+def cpu_preset_checkpoint(path: Path) -> ModelConfig:
     tokenizer = train_char([CORPUS.read_text(encoding="utf-8")])
-    fields = {k: v for k, v in PRESETS["cpu"].items() if k in {f for f in asdict(ModelConfig())}}
+    shape, _ = resolve("cpu", {})  # the preset's model settings
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**{**fields, "vocab_size": tokenizer.vocab_size})).eval()
+    model = GPT(ModelConfig(**{**shape, "vocab_size": tokenizer.vocab_size})).eval()
     checkpoint.save(path, checkpoint.Checkpoint.of(model, tokenizer))
+    return model.config
 
 
 async def one_client(client: httpx.AsyncClient, url: str, tokens: int, requests: int, seed: int) -> list[tuple]:
@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
         path = Path(tmp) / "cpu.pt"
-        cpu_preset_checkpoint(path)
+        model = cpu_preset_checkpoint(path)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         probe.close()
@@ -121,7 +121,6 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
-    model = ModelConfig(**{k: v for k, v in PRESETS["cpu"].items() if k in {f for f in asdict(ModelConfig())}})
     print(f"model: --preset cpu shape ({model.n_layer} layers x {model.n_embed}, context {model.context}), char "
           f"vocabulary; {args.tokens} tokens per request, {args.requests} requests per client, "
           f"--max-batch {args.max_batch}")

@@ -134,9 +134,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        too_large = ClientError(413, f"the request body is over {self.limit:,} bytes", code="body_too_large")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _too_large(self.limit)(scope, receive, send)
+            await too_large.response()(scope, receive, send)
             return
         seen = 0
 
@@ -145,14 +146,10 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise ClientError(413, f"the request body is over {self.limit:,} bytes", code="body_too_large")
+                raise too_large
             return message
 
         await self.app(scope, limited, send)
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return ClientError(413, f"the request body is over {limit:,} bytes", code="body_too_large").response()
 
 
 class Server:
