@@ -15,9 +15,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -53,8 +52,11 @@ class Request:
     seed: int | None
     deliver: Callable[[Piece], None]
     cancelled: bool = False
-    admitted: float | None = None  # when its prefill started (perf_counter)
-    queued: float = field(default_factory=time.perf_counter)
+
+    def end_unstarted(self) -> None:
+        """End every sample of a request that never took a slot (finish_reason "length")."""
+        for i in range(self.n):
+            self.deliver(Piece(i, "", "length"))
 
 
 @dataclass
@@ -79,7 +81,6 @@ class Batcher:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="microgpt-batcher", daemon=True)
-        self.steps = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -124,9 +125,7 @@ class Batcher:
                 if sample is not None:
                     self._finish(slot, "length")
             while not self.waiting.empty():
-                request = self.waiting.get()
-                for i in range(request.n):
-                    request.deliver(Piece(i, "", "length"))
+                self.waiting.get().end_unstarted()
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, first come first served."""
@@ -137,14 +136,11 @@ class Batcher:
                 self.waiting.get()
                 continue
             if request.max_tokens == 0:
-                self.waiting.get()
-                for i in range(request.n):
-                    request.deliver(Piece(i, "", "length"))
+                self.waiting.get().end_unstarted()
                 continue
             if len(free) < request.n:
                 return
             self.waiting.get()
-            request.admitted = time.perf_counter()
             slots = free[: request.n]
             self.logits[slots[0]] = self.engine.prefill(slots[0], request.ids)[: self.sampler.vocab]
             self.engine.fork(slots[0], slots[1:])
@@ -172,7 +168,6 @@ class Batcher:
             if self.slots[slot] is None:
                 self.engine.release(slot)
         self.logits[:n] = self.engine.step(tokens)[:, : self.sampler.vocab]
-        self.steps += 1
 
     def _deliver(self, slot: int, token: int) -> None:
         sample = self.slots[slot]
@@ -185,23 +180,17 @@ class Batcher:
             return
         sample.tokens += 1
         piece = sample.text.push(token)
+        if piece:
+            sample.request.deliver(Piece(sample.index, piece))
         if sample.text.stopped:
-            if piece:
-                sample.request.deliver(Piece(sample.index, piece))
             self._finish(slot, "stop")
         elif sample.tokens >= sample.request.max_tokens:
-            tail = sample.text.finish()
-            if piece or tail:
-                sample.request.deliver(Piece(sample.index, piece + tail))
             self._finish(slot, "length")
-        elif piece:
-            sample.request.deliver(Piece(sample.index, piece))
 
     def _finish(self, slot: int, reason: str | None) -> None:
         sample = self.slots[slot]
         assert sample is not None
         self.slots[slot] = None
         self.engine.release(slot)
-        if reason is not None:
-            tail = sample.text.finish() if reason == "length" and not sample.text.stopped else ""
-            sample.request.deliver(Piece(sample.index, tail, reason, sample.tokens))
+        if reason is not None:  # the final piece carries text held back so far (none after a stop string)
+            sample.request.deliver(Piece(sample.index, sample.text.finish(), reason, sample.tokens))
