@@ -23,7 +23,7 @@ from rich.table import Table
 
 from microgpt_cli.config import ModelConfig, TrainConfig, resolve
 from microgpt_cli.dataprep import prepare, sample_path
-from microgpt_cli.events import Logged
+from microgpt_cli.events import Event, Logged
 from microgpt_cli.model import GPT
 from microgpt_cli.training import train
 
@@ -103,8 +103,13 @@ def microgpt_tokens_per_sec(data: Path, out: Path, overrides: dict, steps: int,
     model_kwargs, train_kwargs = resolve(preset, {**overrides, "max_steps": steps + 10, "eval_interval": 10**9,
                                                   "eval_tokens": 1000, "log_interval": 10, "warmup_steps": 0})
     rates: list[float] = []
+
+    def record(event: Event) -> None:
+        if isinstance(event, Logged) and event.metrics.tokens_per_sec is not None:
+            rates.append(event.metrics.tokens_per_sec)
+
     train(ModelConfig(**model_kwargs), TrainConfig(data=str(data), out=str(out), **train_kwargs), force=True,
-          on_event=lambda event: rates.append(event.metrics.tokens_per_sec) if isinstance(event, Logged) else None)
+          on_event=record)
     model = GPT(ModelConfig(**{**model_kwargs, "vocab_size": 65}))
     return float(np.median(rates[1:])), model, train_kwargs["batch_size"] * model.config.context
 

@@ -2,8 +2,9 @@
 with `torch.load(weights_only=True)` so that loading never runs code from the file.
 
 On disk (format version 1) every checkpoint holds `version`, `model` (weights), `model_config`,
-`tokenizer` (its definition), `train_config`, `data` (what it was trained on) and `metrics` (the
-last measurements); `last.pt` adds `optimizer`, `step`, `elapsed`, `best_val` and `world_size`,
+`tokenizer` (its definition), `train_config`, `data` (what it was trained on), `metrics` (the
+last measurements) and `init_from` (the checkpoint a fine-tune started from: path and sha256, or
+empty); `last.pt` adds `optimizer`, `step`, `elapsed`, `best_val` and `world_size`,
 everything `--resume` needs. `Checkpoint` and `TrainingState` are that layout as types: no other
 module reads the keys.
 """
@@ -52,12 +53,13 @@ class Checkpoint:
     train_config: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields; empty if not trained here
     data: dict[str, Any] = field(default_factory=dict)  # dataset.data_fingerprint of the training data
     metrics: dict[str, Any] = field(default_factory=dict)  # events.Metrics at the save
+    init_from: dict[str, Any] = field(default_factory=dict)  # {"path", "sha256"} of the start weights, if any
     training: TrainingState | None = None
 
     @classmethod
     def of(cls, model: torch.nn.Module, tokenizer: Tokenizer, train_config: TrainConfig | None = None,
            data: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-           training: TrainingState | None = None) -> Checkpoint:
+           training: TrainingState | None = None, init_from: dict[str, Any] | None = None) -> Checkpoint:
         """The checkpoint of a live model (its DDP/compile wrappers stripped, weights on the CPU)."""
         gpt = unwrap(model)
         assert isinstance(gpt, GPT)
@@ -65,7 +67,7 @@ class Checkpoint:
             model={k: v.detach().cpu() for k, v in gpt.state_dict().items()},
             model_config=gpt.config, tokenizer=tokenizer.spec,
             train_config=asdict(train_config) if train_config is not None else {},
-            data=data or {}, metrics=metrics or {}, training=training,
+            data=data or {}, metrics=metrics or {}, init_from=init_from or {}, training=training,
         )
 
     # Facts for `info` and resuming, from the training state where there is one, else the metrics.
@@ -118,12 +120,17 @@ class Checkpoint:
     def tokenizer_object(self) -> Tokenizer:
         return from_spec(self.tokenizer)
 
-    def build_model(self) -> GPT:
-        """The model rebuilt from the stored config, never from CLI flags."""
+    def check_weights(self) -> None:
+        """Refuse a config that does not make the stored weights' count, before building its model:
+        the config of a damaged or hostile file may claim a huge one."""
         expected = count_params(self.model_config)
-        if expected != self.num_params:  # checked before building: the config may claim a huge model
+        if expected != self.num_params:
             raise MicroGPTError(f"checkpoint weights do not match its model config: the config makes "
                                 f"{expected:,} parameters, the weights hold {self.num_params:,}")
+
+    def build_model(self) -> GPT:
+        """The model rebuilt from the stored config, never from CLI flags."""
+        self.check_weights()
         try:
             model = GPT(self.model_config)
             model.load_state_dict(self.model)
@@ -135,6 +142,7 @@ class Checkpoint:
         state: dict[str, Any] = {
             "version": FORMAT_VERSION, "model": self.model, "model_config": asdict(self.model_config),
             "tokenizer": self.tokenizer, "train_config": self.train_config, "data": self.data, "metrics": self.metrics,
+            "init_from": self.init_from,
         }
         if self.training is not None:
             t = self.training
@@ -154,7 +162,7 @@ class Checkpoint:
             raise MicroGPTError(f"{path} has checkpoint format version {shown}; this microgpt reads version "
                                 f"{FORMAT_VERSION}")
         try:
-            for key in ("model_config", "tokenizer", "train_config", "data", "metrics"):
+            for key in ("model_config", "tokenizer", "train_config", "data", "metrics", "init_from"):
                 _check_plain(state.get(key, {}), key, dict)
             metrics = state.get("metrics", {}).values()
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics):
@@ -173,7 +181,7 @@ class Checkpoint:
                                          _number(state["world_size"], int))
             checkpoint = cls(dict(state["model"]), model_config, dict(state["tokenizer"]),
                              dict(state.get("train_config", {})), dict(state.get("data", {})),
-                             dict(state.get("metrics", {})), training)
+                             dict(state.get("metrics", {})), dict(state.get("init_from", {})), training)
             check_spec(checkpoint.tokenizer)
             if checkpoint.train_config:
                 TrainConfig(**checkpoint.train_config)

@@ -265,7 +265,8 @@ def train(
     out: Annotated[Path, _train("out", envvar=OUT_ENV)] = Path(default_of(TrainConfig, "out")),
     config: ConfigOpt = None,
     preset: Annotated[Optional[str], typer.Option(
-        help="Named hyperparameter set (cpu, gpt2); flags override it.", rich_help_panel=T)] = None,
+        help="Named hyperparameter set: cpu, gpt2, or finetune (with --init-from); flags override it.",
+        rich_help_panel=T)] = None,
     resume: Annotated[bool, typer.Option(
         help="Continue the run in --out where last.pt left it; options given now change it (stopping point, LR, "
              "evaluation...), except the model's shape, batch, seed and optimizer.", rich_help_panel=T)] = False,
@@ -290,6 +291,7 @@ def train(
     log_interval: Annotated[int, _train("log_interval")] = default_of(TrainConfig, "log_interval"),
     seed: Annotated[int, _train("seed")] = default_of(TrainConfig, "seed"),
     device: Annotated[str, _train("device", envvar=DEVICE_ENV)] = default_of(TrainConfig, "device"),
+    init_from: Annotated[str, _train("init_from")] = default_of(TrainConfig, "init_from"),
     compile: Annotated[bool, _train("compile")] = default_of(TrainConfig, "compile"),
     threads: Annotated[int, _train("threads")] = default_of(TrainConfig, "threads"),
     n_layer: Annotated[int, _model("n_layer")] = default_of(ModelConfig, "n_layer"),
@@ -303,6 +305,7 @@ def train(
     qk_norm: Annotated[bool, _model("qk_norm")] = default_of(ModelConfig, "qk_norm"),
     tie_weights: Annotated[bool, _model("tie_weights")] = default_of(ModelConfig, "tie_weights"),
     bias: Annotated[bool, _model("bias")] = default_of(ModelConfig, "bias"),
+    pad_vocab: Annotated[int, _model("pad_vocab")] = default_of(ModelConfig, "pad_vocab"),
 ) -> None:
     """Train a GPT on a prepared data dir, keeping the best and the last checkpoint."""
     # The settings asked for by a flag, an environment variable or a --config file: they beat the
@@ -549,6 +552,9 @@ def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("tokenizer", f"{tok['name']} ({tok['vocab_size']:,} tokens)"),
         ("trained on", f"{facts['data']['dir'] or '-'} ({len(facts['data']['inputs_sha256'])} input files)"),
     ]
+    if facts["init_from"]:
+        start = facts["init_from"]
+        rows.append(("started from", f"{start['path']} (sha256 {start['sha256'][:12]})"))
 
     def num(value: Optional[float], fmt: str) -> str:
         return "-" if value is None else format(value, fmt)

@@ -31,7 +31,8 @@ MAX_SEED = 2**63 - 1  # the largest integer a TOML file (and config.toml) can ho
 MAX_THREADS = 1024  # far above any CPU; OpenMP crashes when asked for ~100,000
 # Upper bounds far past any real use, which keep every setting inside what torch, numpy and the
 # schedule can represent: an lr of 1e308 overflows float32, n_layer 4e18 would build blocks forever.
-MODEL_LIMITS = {"vocab_size": 2**32, "n_layer": 1024, "n_head": 1024, "n_embed": 65_536, "context": 2**20}
+MODEL_LIMITS = {"vocab_size": 2**32, "n_layer": 1024, "n_head": 1024, "n_embed": 65_536, "context": 2**20,
+                "pad_vocab": 65_536}
 TRAIN_LIMITS = {
     "epochs": 1e12, "max_steps": 10**15, "time_budget": 1e9, "batch_size": 2**20, "grad_accum": 2**20, "lr": 1e30,
     "muon_lr": 1e30, "weight_decay": 1e3, "grad_clip": 1e30, "warmup_steps": 10**15, "eval_interval": 10**15,
@@ -146,10 +147,12 @@ class ModelConfig:
     tie_weights: bool = setting(True, "Share the token embedding with the output head.",
                                 "--tie-weights/--untie-weights")
     bias: bool = setting(True, "Biases in linear layers and LayerNorm.", "--bias/--no-bias")
+    pad_vocab: int = setting(1, "Round the embedding and head up to a multiple of this many rows: GPU matmuls run "
+                                "faster on such sizes; the padded rows never get probability (1: no padding).")
 
     def __post_init__(self) -> None:
         _validate(self)
-        _positive(self, "vocab_size", "n_layer", "n_head", "n_embed", "context")
+        _positive(self, "vocab_size", "n_layer", "n_head", "n_embed", "context", "pad_vocab")
         _at_most(self, MODEL_LIMITS)
         _require(self.n_embed % self.n_head == 0,
                  f"n_embed ({self.n_embed}) must be divisible by n_head ({self.n_head})", "n_embed", "n_head")
@@ -162,6 +165,11 @@ class ModelConfig:
     def head_size(self) -> int:
         return self.n_embed // self.n_head
 
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and head: vocab_size rounded up to a multiple of pad_vocab."""
+        return -(-self.vocab_size // self.pad_vocab) * self.pad_vocab
+
 
 @dataclass
 class TrainConfig:
@@ -169,6 +177,10 @@ class TrainConfig:
 
     data: str = setting("data", "Prepared data dir.")
     out: str = setting("out", "Run dir for best.pt, last.pt, metrics.jsonl, config.toml.")
+    init_from: str = setting(
+        "", "Start from the weights of this checkpoint (a `microgpt import`, or a run's best.pt or last.pt) instead "
+            "of random ones; its shape and tokenizer are kept, the optimizer and LR schedule start fresh.",
+        "--init-from")
     epochs: float = setting(390, "Full passes over the training split.")
     max_steps: int = setting(0, "Stop after this many optimizer steps (0: no cap).")
     time_budget: float = setting(0, "Stop after this many seconds, the final evaluation and save included; "
@@ -243,6 +255,7 @@ class SamplingSettings:
             raise InvalidSetting(f"seed must be between 0 and {MAX_SEED}, got {self.seed}", "seed")
 
 
+FINETUNE_LR = 1e-4
 # Named hyperparameter sets for `--preset`; flags given on the command line override them.
 PRESETS: dict[str, dict[str, Any]] = {
     # The best recipe found for 2 CPU cores and a ~1 MB character-level corpus (see README).
@@ -253,10 +266,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         position="rope", norm="rmsnorm", activation="relu2", qk_norm=True, tie_weights=False,
         bias=False, lr=3e-3, warmup_steps=50, optimizer="muon", muon_lr=0.04, eval_interval=1000,
     ),
-    # GPT-2 small (124M): 12 layers, 12 heads, 768 wide, context 1024.
+    # Fine-tuning a pretrained model (train --init-from): a low peak LR reached after a short warmup,
+    # so the pretrained weights are adjusted rather than overwritten, a few hundred steps, and an
+    # evaluation every 50 so that best.pt catches the point before the small corpus is overfitted.
+    # The model's shape comes from the checkpoint. Measured in benchmarks/finetune.py (see README).
+    "finetune": dict(
+        lr=FINETUNE_LR, warmup_steps=20, max_steps=300, eval_interval=50, eval_tokens=16_384, log_interval=10,
+        min_lr_ratio=0.1, optimizer="adamw",
+    ),
+    # GPT-2 small (124M): 12 layers, 12 heads, 768 wide, context 1024, 128 sequences per step. The
+    # vocabulary is padded to 50,304 rows (a multiple of 128) and micro-batches are 32 sequences:
+    # both only change the speed on a GPU, not the loss per step.
     "gpt2": dict(
-        n_layer=12, n_head=12, n_embed=768, context=1024, dropout=0.0, batch_size=16,
-        activation="gelu", lr=6e-4, warmup_steps=700, grad_accum=8, compile=True,
+        n_layer=12, n_head=12, n_embed=768, context=1024, dropout=0.0, batch_size=32, grad_accum=4,
+        activation="gelu", pad_vocab=128, lr=6e-4, warmup_steps=700, compile=True,
     ),
 }
 
@@ -266,7 +289,10 @@ assert all(set(p) <= MODEL_FIELDS | TRAIN_FIELDS for p in PRESETS.values()), "a 
 
 # What a resumed run cannot change: the model's shape (its weights would not fit), and what decides
 # the data order and the optimizer state. Everything else may change on --resume.
-FIXED_ON_RESUME = (MODEL_FIELDS - {"vocab_size", "dropout"}) | {"batch_size", "grad_accum", "seed", "optimizer"}
+FIXED_ON_RESUME = ((MODEL_FIELDS - {"vocab_size", "dropout"})
+                   | {"batch_size", "grad_accum", "seed", "optimizer", "init_from"})
+# What a run started from a checkpoint (--init-from) may set: the rest of the shape is the checkpoint's.
+SETTABLE_ON_INIT = {"vocab_size", "dropout", "context", "pad_vocab"}
 
 
 def setting_fields(cls: type) -> dict[str, Field[Any]]:
@@ -283,10 +309,13 @@ def default_of(cls: type, name: str) -> Any:
 def resolve(preset: str | None, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge a preset with explicitly given options (those not None) into model and train kwargs.
     The CLI passes --config file values among the options (as defaults of its flags), which is
-    how a file beats a preset and loses to a flag."""
+    how a file beats a preset and loses to a flag. A run with init_from takes its model's shape
+    from that checkpoint, so a preset's shape (all but its dropout) gives way there."""
     if preset is not None and preset not in PRESETS:
         raise InvalidSetting(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", "preset")
     merged = dict(PRESETS[preset]) if preset else {}
+    if overrides.get("init_from"):
+        merged = {k: v for k, v in merged.items() if k not in MODEL_FIELDS - {"dropout"}}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(merged) - MODEL_FIELDS - TRAIN_FIELDS
     assert not unknown, f"options with no config field: {unknown}"
@@ -315,6 +344,26 @@ def resume_settings(saved_model: ModelConfig, saved_train: TrainConfig, model: M
     train_changes = {k: v[1] for k, v in changed.items() if k in TRAIN_FIELDS}
     changed.pop("out", None)
     return replace(saved_model, **model_changes), replace(saved_train, **train_changes), changed
+
+
+def init_settings(saved: ModelConfig, model: ModelConfig, given: set[str]) -> ModelConfig:
+    """The model settings of a run that starts from a checkpoint whose settings are `saved`: its
+    shape, with the `given` dropout and a shorter context applied. A given shape setting that
+    differs from the checkpoint's is an error naming it; so is a longer context, which learned
+    positions (and a model trained on shorter sequences) do not cover."""
+    clashes = sorted(name for name in given & MODEL_FIELDS - SETTABLE_ON_INIT
+                     if getattr(model, name) != getattr(saved, name))
+    if clashes:
+        listing = ", ".join(f"{name} {getattr(model, name)!r} (the checkpoint has {getattr(saved, name)!r})"
+                            for name in clashes)
+        raise InvalidSetting(f"{listing}: a run started from init_from takes the model's shape from it; drop these "
+                             f"settings", *clashes, "init_from")
+    context = model.context if "context" in given else saved.context
+    _require(context <= saved.context, f"context {context} is longer than init_from's {saved.context}; it may be "
+             f"shortened, never lengthened", "context", "init_from")
+    dropout = model.dropout if "dropout" in given else saved.dropout
+    pad_vocab = model.pad_vocab if "pad_vocab" in given else saved.pad_vocab
+    return replace(saved, context=context, dropout=dropout, pad_vocab=pad_vocab)
 
 
 # --- TOML config files -----------------------------------------------------------------------

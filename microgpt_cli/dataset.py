@@ -105,6 +105,19 @@ def open_split(data_dir: str | Path, split: str, meta: dict[str, Any], check_ids
     return tokens
 
 
+def check_same_tokenizer(meta: dict[str, Any], spec: dict[str, Any], data_dir: Path, whose: str, fix: str) -> None:
+    """Token ids only mean something under the tokenizer that made them: refuse data made by any
+    other than `spec`, the tokenizer of `whose` (a checkpoint)."""
+    if meta["tokenizer"] == spec:
+        return
+    theirs = meta["tokenizer"].get("name", meta["tokenizer"].get("kind"))
+    ours = spec.get("name", spec.get("kind"))
+    if ours == theirs:
+        ours = f"a different {theirs} vocabulary"
+    raise MicroGPTError(f"{data_dir} was prepared with tokenizer {theirs} (vocab {meta['vocab_size']}) but {whose} "
+                        f"uses {ours}; {fix}")
+
+
 def data_fingerprint(meta: dict[str, Any]) -> dict[str, Any]:
     """What identifies a dataset, stored in checkpoints to refuse resuming on different data."""
     return {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],

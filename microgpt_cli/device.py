@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import torch
@@ -69,3 +70,54 @@ def allocation_errors(num_params: int) -> Iterator[None]:
             raise
         raise MicroGPTError(f"out of memory for a model of {num_params:,} parameters: {str(exc).splitlines()[0]}; "
                             f"use a smaller model or batch") from None
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU. Matched in order
+# against torch.cuda.get_device_name, so the more specific names come first.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),
+    ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+    ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+)
+
+
+def known_peak_flops(device_name: str) -> float | None:
+    """The bf16 dense peak of a GPU named `device_name`, if it is in PEAK_BF16_FLOPS."""
+    return next((flops for name, flops in PEAK_BF16_FLOPS if name in device_name), None)
+
+
+def measured_peak_flops(device: torch.device, size: int = 4096, repeats: int = 10) -> float:
+    """FLOP/s of a large matmul in the dtype training computes in on `device` (bf16 on CUDA): the
+    peak to divide by where the GPU is not in the table. Takes well under a second on a GPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up: kernel selection, clocks
+    synchronize(device)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - began)
+
+
+def peak_flops(device: torch.device) -> tuple[float, str] | None:
+    """The peak FLOP/s that MFU is measured against on a CUDA device, and where it comes from;
+    None elsewhere (MFU is a GPU measure)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    known = known_peak_flops(name)
+    if known is not None:
+        return known, f"{name}, bf16 dense datasheet peak"
+    return measured_peak_flops(device), f"{name}, measured bf16 matmul"
+
+
+def model_flops_utilization(tokens_per_sec: float, flops_per_token: float, peak: float, devices: int = 1) -> float:
+    """MFU: the FLOP/s a model's training needs at this token rate, over the peak of the devices."""
+    return tokens_per_sec * flops_per_token / (peak * devices)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -112,7 +112,8 @@ def evaluate(
         meta = dataset.read_meta(data_dir)
         dataset.data_tokenizer(meta)  # meta.json's vocabulary size agrees with its tokenizer
         model, tokenizer = load_checkpoint(checkpoint, resolved)
-        check_same_tokenizer(meta, tokenizer, Path(data_dir))
+        dataset.check_same_tokenizer(meta, tokenizer.spec, Path(data_dir), "the checkpoint",
+                                     "prepare the data with the checkpoint's tokenizer or pass --text FILE")
         tokens = dataset.open_split(data_dir, "val", meta)
     if len(tokens) < 2:
         raise MicroGPTError("nothing to evaluate: the text has fewer than 2 tokens")
@@ -161,16 +162,3 @@ def read_text(path: Path) -> str:
         raise MicroGPTError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except OSError as exc:
         raise MicroGPTError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def check_same_tokenizer(meta: dict[str, Any], tokenizer: Tokenizer, data_dir: Path) -> None:
-    """Token ids only mean something under the tokenizer that made them: refuse any other."""
-    if meta["tokenizer"] == tokenizer.spec:
-        return
-    theirs = meta["tokenizer"].get("name", meta["tokenizer"].get("kind"))
-    ours = tokenizer.name if theirs != tokenizer.name else f"a different {theirs} vocabulary"
-    raise MicroGPTError(
-        f"{data_dir} was prepared with tokenizer {theirs} (vocab {meta['vocab_size']}) but the checkpoint "
-        f"uses {ours} (vocab {tokenizer.vocab_size}); prepare the data with the checkpoint's "
-        f"tokenizer or pass --text FILE"
-    )

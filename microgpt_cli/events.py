@@ -19,11 +19,14 @@ class Metrics:
     step: int
     epoch: float
     tokens: int  # tokens trained on so far
-    train_loss: float  # mean over the steps since the previous line
+    # Mean over the steps since the previous line, and their throughput: None at the evaluation a
+    # run from --init-from makes before its first step.
+    train_loss: float | None
     lr: float
-    tokens_per_sec: float  # training throughput since the previous line
+    tokens_per_sec: float | None
     elapsed: float  # seconds of the whole run so far, resumes included
     val_loss: float | None = None  # only at evaluations
+    mfu: float | None = None  # model FLOPs utilization of the window (CUDA only): achieved / peak FLOP/s per GPU
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -48,6 +51,9 @@ class RunStarted:
     step: int  # where this call starts: 0, or the step resumed from
     resumed: bool = False
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # on resume: {setting: (old, new)}
+    init_from: dict[str, Any] = field(default_factory=dict)  # {"path", "sha256"} of the start weights, if any
+    peak_flops: float | None = None  # per device, what MFU divides by (CUDA only)
+    peak_source: str = ""  # where peak_flops comes from
 
 
 @dataclass(frozen=True)
@@ -98,11 +104,14 @@ class RunEnded:
     train_loss: float | None
     val_loss: float | None
     elapsed: float
-    tokens_per_sec: float  # training steps after the first (which pays one-off warm-up costs)
+    tokens_per_sec: float  # over `timed_steps` steps: the log windows after warm-up (see `warmup_excluded`)
     params: int
     best: str
     last: str
     reason: str  # "steps", "time budget" or "nothing to do"
+    timed_steps: int = 0
+    warmup_excluded: bool = True  # False: the run was too short to leave its first log window out
+    mfu: float | None = None  # at tokens_per_sec (CUDA only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

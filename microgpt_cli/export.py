@@ -96,7 +96,9 @@ def _write_hf(directory: Path, state: Checkpoint) -> None:
     from microgpt_cli.model import block_param
 
     config, weights = state.model_config, state.model
-    tensors = {"transformer.wte.weight": weights["tok_emb.weight"], "transformer.wpe.weight": weights["pos_emb.weight"]}
+    real = config.vocab_size  # the rows of the tokenizer's ids, without any padding
+    tensors = {"transformer.wte.weight": weights["tok_emb.weight"][:real],
+               "transformer.wpe.weight": weights["pos_emb.weight"]}
     for i in range(config.n_layer):
         for ours, theirs in GPT2_BLOCK_NAMES.items():
             tensor = weights[block_param(i, ours)]
@@ -104,7 +106,7 @@ def _write_hf(directory: Path, state: Checkpoint) -> None:
     tensors["transformer.ln_f.weight"] = weights["norm.weight"]
     tensors["transformer.ln_f.bias"] = weights["norm.bias"]
     if not config.tie_weights:  # a tied head is rebuilt from wte by transformers
-        tensors["lm_head.weight"] = weights["head.weight"]
+        tensors["lm_head.weight"] = weights["head.weight"][:real]
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / WEIGHTS_FILE, metadata={"format": "pt"})
 
     from microgpt_cli.tokenizer import GPT2_END_OF_TEXT

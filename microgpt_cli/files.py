@@ -4,6 +4,7 @@ never half of one: temp file or dir beside the target, fsync, rename."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import secrets
 import shutil
@@ -195,3 +196,11 @@ def dir_lock(directory: Path, purpose: str) -> Iterator[None]:
         lock_path.unlink(missing_ok=True)  # while still held, so no one else holds this file
         os.close(fd)
         remove_empty(created)  # a run that failed before writing anything leaves no empty dir behind
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -51,6 +51,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "tokenizer": {"kind": spec["kind"], "name": spec.get("name", spec["kind"]),
                       "vocab_size": state.model_config.vocab_size},
         "data": {"dir": state.data_dir, "inputs_sha256": state.input_hashes},
+        "init_from": state.init_from or None,
         "training": {
             "step": state.step,
             "epoch": state.epoch,

@@ -36,7 +36,7 @@ def block_param(layer: int, name: str) -> str:
 def count_params(config: ModelConfig) -> int:
     """The parameters GPT(config) has, counted without building it, so that a size that cannot fit
     in memory is refused before any allocation."""
-    c, v, bias = config.n_embed, config.vocab_size, int(config.bias)
+    c, v, bias = config.n_embed, config.padded_vocab, int(config.bias)
     norm = c * (2 if config.norm == "layernorm" and config.bias else 1)
     attention = (3 * c * c + 3 * c * bias) + (c * c + c * bias)
     mlp = (4 * c * c + 4 * c * bias) + (4 * c * c + c * bias)
@@ -152,12 +152,12 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embed)
+        self.tok_emb = nn.Embedding(config.padded_vocab, config.n_embed)  # rows past vocab_size: padding
         self.pos_emb = nn.Embedding(config.context, config.n_embed) if config.position == "learned" else None
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config, config.n_embed)
-        self.head = nn.Linear(config.n_embed, config.vocab_size, bias=False)
+        self.head = nn.Linear(config.n_embed, config.padded_vocab, bias=False)
         if config.tie_weights:
             self.head.weight = self.tok_emb.weight
         if config.position == "rope":
@@ -207,10 +207,12 @@ class GPT(nn.Module):
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, rotary, cache)
-        logits = self.head(self.norm(x))  # (B, T, vocab)
+        logits = self.head(self.norm(x))  # (B, T, padded vocab)
+        if self.config.pad_vocab > 1:
+            logits = logits[..., : self.config.vocab_size]  # padded ids get no probability, in the loss or sampling
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward), 6N plus attention (PaLM appendix B)."""

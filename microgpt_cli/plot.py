@@ -61,7 +61,7 @@ def _metrics_line(line: str) -> dict[str, float] | None:
         entry = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(entry, dict) or "step" not in entry or "train_loss" not in entry:
+    if not isinstance(entry, dict) or "step" not in entry or not {"train_loss", "val_loss"} & set(entry):
         return None
     numbers = {k: entry[k] for k in ("step", "train_loss", "val_loss", "tokens", "elapsed") if k in entry}
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < MAX_PLOTTED
@@ -84,8 +84,9 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
         if entry is None:
             continue
         step = int(entry["step"])
-        curves.steps.append(step)
-        curves.train.append(entry["train_loss"])
+        if "train_loss" in entry:  # absent from the evaluation before the first step of a fine-tune
+            curves.steps.append(step)
+            curves.train.append(entry["train_loss"])
         if "val_loss" in entry:
             curves.val_steps.append(step)
             curves.val.append(entry["val_loss"])
@@ -119,7 +120,7 @@ def loss_figure(run_dir: str | Path) -> Figure:
     metrics.jsonl records them."""
     run_dir = Path(run_dir)
     curves = read_curves(run_dir)
-    if not curves.steps:
+    if not curves.steps and not curves.val:
         raise MicroGPTError(f"{run_dir / METRICS_FILE} holds no metrics yet")
     # Fixed margins, not a layout engine: constrained layout would double the drawing time.
     fig = _figure(figsize=(7, 4), dpi=100)
@@ -179,7 +180,7 @@ def runs_figure(run_dirs: Sequence[str | Path], x_axis: str = "step") -> Figure:
     ax = fig.add_subplot()
     for i, (path, name) in enumerate(zip(paths, names, strict=True)):
         curves = read_curves(path, name)
-        if not curves.steps:
+        if not curves.steps and not curves.val:
             raise MicroGPTError(f"{path / METRICS_FILE} holds no metrics yet")
         if x_axis == "tokens" and len(curves.tokens) < len(curves.steps):
             raise MicroGPTError(f"{path / METRICS_FILE} does not record tokens seen; use --x step or --x time")

@@ -196,6 +196,8 @@ class TrainDisplay:
         m, cfg = event.model_config, event.train_config
         self._step, self._expected = event.step, event.total_steps
         begin = f"resuming at step {event.step:,}" if event.resumed else "starting"
+        if event.init_from:
+            begin += f" from {escape(event.init_from['path'])} (sha256 {event.init_from['sha256'][:12]})"
         if cfg.time_budget:
             length = (f"the {cfg.time_budget:g} s time budget decides the length (at most {event.total_steps:,} "
                       f"steps; an estimate follows once steps are timed)")
@@ -207,6 +209,9 @@ class TrainDisplay:
             f"{event.train_tokens:,} train / {event.val_tokens:,} val tokens · {length}",
             highlight=False, soft_wrap=True,
         )
+        if event.peak_flops:
+            self.console.print(f"MFU against {event.peak_flops / 1e12:,.0f} TFLOP/s per device "
+                               f"({escape(event.peak_source)})", highlight=False, soft_wrap=True)
         if event.changes:
             changes = ", ".join(f"{name} {old} → {new}" for name, (old, new) in event.changes.items())
             self.console.print(f"changed on resume: {escape(changes)}", highlight=False, soft_wrap=True)
@@ -242,8 +247,9 @@ class TrainDisplay:
         if m is None:
             return ""
         # At most 80 columns for any realistic run (a million tok/s, a hundred epochs).
-        return (f"loss {m.train_loss:.4f}  val {_dash(self._val, '.4f')} (best {_dash(self._best, '.4f')})  "
-                f"lr {m.lr:.1e}  {m.tokens_per_sec:,.0f} tok/s  ep {m.epoch:.2f}")
+        mfu = f"  MFU {100 * m.mfu:.0f}%" if m.mfu is not None else ""
+        return (f"loss {_dash(m.train_loss, '.4f')}  val {_dash(self._val, '.4f')} (best {_dash(self._best, '.4f')})  "
+                f"lr {m.lr:.1e}  {_dash(m.tokens_per_sec, ',.0f')} tok/s{mfu}  ep {m.epoch:.2f}")
 
     def _refresh(self, force: bool = False) -> None:
         pace = _per_step(self._seconds_per_step) if self._seconds_per_step else ""
@@ -277,6 +283,10 @@ class TrainDisplay:
                 f"which its stopping point ({summary.total_steps:,} steps, or its time budget) allows no further; "
                 f"raise --max-steps, --epochs or --time-budget to train on", highlight=False, soft_wrap=True)
             return
+        warmup = "after warm-up" if summary.warmup_excluded else "warm-up included"
+        speed = f"{summary.tokens_per_sec:,.0f}"
+        if summary.mfu is not None:
+            speed += f" (MFU {100 * summary.mfu:.1f}%)"
         table = Table(title=f"training summary (ended by {summary.reason})", show_header=False)
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")  # long paths wrap whole rather than end in "…"
@@ -287,7 +297,7 @@ class TrainDisplay:
             ("final val loss", _dash(summary.val_loss, ".4f")),
             ("best val loss", _dash(summary.best_val_loss, ".4f")),
             ("time", format_seconds(summary.elapsed)),
-            ("tokens/s (steps after the first)", f"{summary.tokens_per_sec:,.0f}"),
+            (f"tokens/s ({summary.timed_steps:,} steps, {warmup})", speed),
             ("best checkpoint", summary.best),
             ("resume from", summary.last),
         ]

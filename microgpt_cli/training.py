@@ -27,9 +27,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from microgpt_cli import checkpoint, distributed
 from microgpt_cli.checkpoint import RUN_FILES, Checkpoint, TrainingState
-from microgpt_cli.config import CONFIG_FILE, ModelConfig, TrainConfig, resume_settings, save_config
-from microgpt_cli.dataset import Batches, data_fingerprint, data_tokenizer, open_split, read_meta
-from microgpt_cli.device import allocation_errors, autocast, ensure_fits, resolve_device
+from microgpt_cli.config import CONFIG_FILE, ModelConfig, TrainConfig, init_settings, resume_settings, save_config
+from microgpt_cli.dataset import (
+    Batches,
+    check_same_tokenizer,
+    data_fingerprint,
+    data_tokenizer,
+    open_split,
+    read_meta,
+)
+from microgpt_cli.device import (
+    allocation_errors,
+    autocast,
+    ensure_fits,
+    model_flops_utilization,
+    peak_flops,
+    resolve_device,
+)
 from microgpt_cli.errors import Interrupted, MicroGPTError
 from microgpt_cli.evaluation import split_loss
 from microgpt_cli.events import (
@@ -43,7 +57,7 @@ from microgpt_cli.events import (
     RunStarted,
     StepDone,
 )
-from microgpt_cli.files import atomic_write, dir_lock, remove_stale_temp_files
+from microgpt_cli.files import atomic_write, dir_lock, file_sha256, remove_stale_temp_files
 from microgpt_cli.model import GPT, count_params
 from microgpt_cli.optim import build_optimizers, lr_factor
 from microgpt_cli.plot import LOSS_PLOT, save_loss_plot
@@ -99,6 +113,7 @@ class Run:
     best_val: float = math.inf
     resumed: bool = False
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    init_from: dict[str, Any] = field(default_factory=dict)  # {"path", "sha256"} of the start weights, if any
 
     @property
     def tokens_per_step(self) -> int:
@@ -122,6 +137,39 @@ def _resume_checkpoint(out: Path, fingerprint: dict[str, Any]) -> Checkpoint:
     if saved.data != fingerprint:
         raise MicroGPTError(f"cannot --resume: {path} was trained on different data or with another tokenizer")
     return saved
+
+
+def _start_checkpoint(cfg: TrainConfig, meta: dict[str, Any]) -> tuple[Checkpoint, dict[str, Any]]:
+    """The checkpoint --init-from names, checked against the data, and its path and sha256."""
+    if not Path(cfg.init_from).exists():
+        raise MicroGPTError(f"--init-from {cfg.init_from} does not exist; pass a checkpoint file (from `microgpt "
+                            f"import` or `microgpt train`) or a run dir")
+    path = checkpoint.resolve_path(cfg.init_from)
+    start = checkpoint.load(path)
+    spec = start.tokenizer
+    if spec["kind"] in ("gpt2", "tiktoken"):
+        fix = f"prepare the text with `microgpt prepare --tokenizer {spec.get('name', spec['kind'])}`"
+    else:  # a vocabulary learned from a corpus: only data made with that very vocabulary fits
+        fix = "start from a checkpoint trained on data with this data's tokenizer"
+    check_same_tokenizer(meta, spec, Path(cfg.data), f"--init-from {path}", fix)
+    start.check_weights()
+    return start, {"path": str(path), "sha256": file_sha256(path)}
+
+
+def _load_start(model: GPT, start: Checkpoint, source: str) -> None:
+    """Copy a checkpoint's weights into `model`: learned positions past a shortened context are
+    dropped, and the vocabulary's padding rows are added or dropped to fit model's pad_vocab."""
+    state = dict(start.model)
+    if "pos_emb.weight" in state:
+        state["pos_emb.weight"] = state["pos_emb.weight"][: model.config.context]
+    real, rows = model.config.vocab_size, model.config.padded_vocab
+    for name in ("tok_emb.weight", "head.weight"):
+        if name in state and state[name].shape[0] != rows:
+            state[name] = torch.cat([state[name][:real], state[name].new_zeros(rows - real, state[name].shape[1])])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MicroGPTError(f"cannot start from {source}: {exc}".splitlines()[0]) from exc
 
 
 def _non_default(*configs: object) -> set[str]:
@@ -155,14 +203,20 @@ def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, 
     tokenizer = data_tokenizer(meta)
     fingerprint = data_fingerprint(meta)
     model_config = model_config or ModelConfig()
+    given = _non_default(model_config, cfg) if given is None else given
     saved: Checkpoint | None = None
+    start: Checkpoint | None = None
+    init_from: dict[str, Any] = {}
     changes: dict[str, tuple[Any, Any]] = {}
     if resume:
         saved = _resume_checkpoint(out, fingerprint)
-        given = _non_default(model_config, cfg) if given is None else given
         model_config, cfg, changes = resume_settings(saved.model_config, saved.train_settings, model_config, cfg, given)
+        init_from = saved.init_from
     elif run_exists(out) and not force:
         raise MicroGPTError(f"{out} already holds a run; continue it with --resume, or pass --force to start over")
+    elif cfg.init_from:
+        start, init_from = _start_checkpoint(cfg, meta)
+        model_config = init_settings(start.model_config, model_config, given)
     model_config = replace(model_config, vocab_size=meta["vocab_size"])
 
     train_tokens = open_split(cfg.data, "train", meta)
@@ -186,9 +240,12 @@ def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, 
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     with allocation_errors(params):
         model = GPT(model_config).to(device)
+        if start is not None:
+            _load_start(model, start, cfg.init_from)
+            del start  # its copy of the weights is not needed past here
         optimizers = build_optimizers(model, cfg, device)
     run = Run(cfg, model_config, out, world, device, tokenizer, fingerprint, model, optimizers, batches,
-              val_tokens, total_steps, steps_per_epoch, changes=changes)
+              val_tokens, total_steps, steps_per_epoch, changes=changes, init_from=init_from)
     if saved is not None:
         _restore(run, saved)
     return run
@@ -291,7 +348,8 @@ class RunFiles:
         if resumable:
             training = TrainingState([opt.state_dict() for opt in run.optimizers], run.step, run.elapsed, run.best_val,
                                      run.world.size)
-        state = Checkpoint.of(run.model, run.tokenizer, run.cfg, run.fingerprint, metrics.to_dict(), training)
+        state = Checkpoint.of(run.model, run.tokenizer, run.cfg, run.fingerprint, metrics.to_dict(), training,
+                              run.init_from)
         checkpoint.save(self.out / name, state)
 
 
@@ -341,7 +399,7 @@ class Clock:
         if self.eval_tokens:
             return self.eval_tokens
         run = self._run
-        wanted = run.cfg.eval_tokens or len(run.val_tokens) - 1
+        wanted = min(run.cfg.eval_tokens or len(run.val_tokens), len(run.val_tokens) - 1)
         if self.budget and self.step_seconds:
             affordable = EVAL_SHARE * self.budget / self._forward_token_seconds() * run.world.size
             wanted = min(wanted, max(run.model_config.context, int(affordable)))
@@ -386,6 +444,15 @@ class Clock:
         if not self.budget:
             return None
         return self._start + self.budget - self._before - (self.save_seconds or 0.0)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A batch on `device`. On CUDA it goes through pinned memory (torch caches those buffers) without
+    waiting: the host prepares the next micro-batch while the GPU still works on this one."""
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -473,7 +540,12 @@ class Trainer:
         self.last: Metrics | None = None
         self.lr_factor = 0.0
         self.first_step = run.step
-        self.timed_steps, self.timed_seconds = 0, 0.0  # steps after this call's first, for tokens/s
+        self.peak = peak_flops(run.device)
+        self.flops_per_token = run.model.flops_per_token()
+        # Log windows for the summary's tokens/s: this call's first (compilation, allocator and cache
+        # warm-up) is kept apart and only used when no other was measured.
+        self.warmup_window: tuple[int, float] | None = None  # (steps, seconds)
+        self.timed_steps, self.timed_seconds = 0, 0.0
 
     def train(self) -> RunEnded:
         run = self.run
@@ -484,15 +556,14 @@ class Trainer:
         self.files.start(run)
         with stop_requests() as signals:  # from the start line on, Ctrl-C ends the run with a save
             self.emit(self._started())
+            if run.init_from and run.step == 0:
+                self._evaluate_start()
             run.model.train()
             self.window_start = time.perf_counter()
             while True:
                 began = time.perf_counter()
                 self._step()
-                seconds = time.perf_counter() - began
-                self.clock.observe_step(seconds)
-                if run.step > self.first_step + 1:
-                    self.timed_steps, self.timed_seconds = self.timed_steps + 1, self.timed_seconds + seconds
+                self.clock.observe_step(time.perf_counter() - began)
                 run.elapsed = self.clock.elapsed()
                 self.emit(StepDone(run.step, run.elapsed, self._expected_steps()))
                 reason = self._after_step(signals)
@@ -506,7 +577,8 @@ class Trainer:
             params=run.model.num_params(), tokenizer=run.tokenizer.name, vocab_size=run.tokenizer.vocab_size,
             train_tokens=len(run.batches.tokens), val_tokens=len(run.val_tokens),
             tokens_per_step=run.tokens_per_step, steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
-            step=run.step, resumed=run.resumed, changes=run.changes,
+            step=run.step, resumed=run.resumed, changes=run.changes, init_from=run.init_from,
+            peak_flops=self.peak[0] if self.peak else None, peak_source=self.peak[1] if self.peak else "",
         )
 
     def _step(self) -> None:
@@ -519,8 +591,7 @@ class Trainer:
                 group["lr"] = group["base_lr"] * self.lr_factor
         torch.manual_seed(step_seed(cfg.seed, run.world.rank, run.step))
         for micro in range(cfg.grad_accum):
-            inputs, targets = run.batches.get(run.step * cfg.grad_accum + micro)
-            x, y = torch.from_numpy(inputs).to(run.device), torch.from_numpy(targets).to(run.device)
+            x, y = (to_device(a, run.device) for a in run.batches.get(run.step * cfg.grad_accum + micro))
             # Only the last micro-batch of a step needs the gradient all-reduce.
             sync = micro == cfg.grad_accum - 1 or not run.world.distributed
             no_sync = nullcontext() if sync else self.runner.no_sync()  # type: ignore[operator]
@@ -583,33 +654,50 @@ class Trainer:
                 kept = f" {run.out / 'best.pt'} is kept{whose};"
             raise MicroGPTError(f"training diverged: loss is {train_loss} at step {run.step};{kept} try a lower --lr")
         now = time.perf_counter()
-        seconds_per_step = (now - self.window_start) / self.window_steps
+        window_seconds = now - self.window_start
+        seconds_per_step = window_seconds / self.window_steps
         if self.window_steps > 1 or run.step > self.first_step + 1:
             self.clock.observe_window(seconds_per_step)
+        if self.warmup_window is None:
+            self.warmup_window = (self.window_steps, window_seconds)
+        else:
+            self.timed_steps += self.window_steps
+            self.timed_seconds += window_seconds
+        tokens_per_sec = run.tokens_per_step / seconds_per_step
         metrics = Metrics(
             step=run.step, epoch=run.step / run.steps_per_epoch, tokens=run.step * run.tokens_per_step,
-            train_loss=train_loss, lr=run.cfg.lr * self.lr_factor,
-            tokens_per_sec=run.tokens_per_step / seconds_per_step,
-            elapsed=run.elapsed,
+            train_loss=train_loss, lr=run.cfg.lr * self.lr_factor, tokens_per_sec=tokens_per_sec,
+            elapsed=run.elapsed, mfu=self._mfu(tokens_per_sec),
         )
         self.loss_sum.zero_()
         self.window_steps, self.window_start = 0, now
         self.last = metrics
         return metrics
 
+    def _evaluate_start(self) -> None:
+        """Score the starting weights of a fine-tune, so that its val curve begins where they stand
+        and best.pt holds them until training beats them."""
+        run = self.run
+        self._evaluate(Metrics(step=0, epoch=0.0, tokens=0, train_loss=None, lr=0.0, tokens_per_sec=None,
+                               elapsed=run.elapsed))
+
     def _evaluate(self, metrics: Metrics) -> None:
         run, clock = self.run, self.clock
         began = time.perf_counter()
         wanted = clock.planned_eval_tokens()
+        deadline = clock.eval_deadline()
+        if deadline is not None and not clock.step_seconds:  # before any step: no step time to size it by
+            deadline = min(deadline, began + EVAL_SHARE * clock.budget)
         self.files.take_over(run)
 
         def progress(done: int) -> None:
             self.emit(EvalProgress(run.step, min(done * run.world.size, wanted), wanted))
 
-        val_loss, scored = evaluate_val(run, wanted, clock.eval_deadline(), progress)
+        val_loss, scored = evaluate_val(run, wanted, deadline, progress)
         evaluated = time.perf_counter()
         if scored:
-            clock.eval_tokens = clock.eval_tokens or wanted
+            # Later evaluations score what the first did, even where its deadline cut it short.
+            clock.eval_tokens = clock.eval_tokens or min(wanted, scored)
             clock.eval_token_seconds = (evaluated - began) / (scored / run.world.size)
         improved = val_loss < run.best_val
         run.best_val = min(run.best_val, val_loss)
@@ -634,15 +722,25 @@ class Trainer:
         left = max(0.0, clock.train_budget() - run.elapsed) / clock.step_seconds
         return min(run.total_steps, run.step + round(left))
 
+    def _mfu(self, tokens_per_sec: float) -> float | None:
+        if self.peak is None:
+            return None
+        return model_flops_utilization(tokens_per_sec, self.flops_per_token, self.peak[0], self.run.world.size)
+
     def _end(self, reason: str) -> RunEnded:
         run, last = self.run, self.last
+        steps, seconds, warmup_excluded = self.timed_steps, self.timed_seconds, True
+        if not steps and self.warmup_window is not None:
+            (steps, seconds), warmup_excluded = self.warmup_window, False
+        tokens_per_sec = steps * run.tokens_per_step / seconds if seconds else 0.0
         summary = RunEnded(
             steps=run.step, total_steps=run.total_steps, epochs=run.step / run.steps_per_epoch,
             best_val_loss=None if math.isinf(run.best_val) else run.best_val,
             train_loss=last.train_loss if last else None, val_loss=last.val_loss if last else None,
             elapsed=run.elapsed,
-            tokens_per_sec=self.timed_steps * run.tokens_per_step / self.timed_seconds if self.timed_seconds else 0.0,
-            params=run.model.num_params(), best=str(run.out / "best.pt"), last=str(run.out / "last.pt"), reason=reason,
+            tokens_per_sec=tokens_per_sec, params=run.model.num_params(), best=str(run.out / "best.pt"),
+            last=str(run.out / "last.pt"), reason=reason, timed_steps=steps, warmup_excluded=warmup_excluded,
+            mfu=self._mfu(tokens_per_sec) if steps else None,
         )
         self.emit(summary)
         return summary

@@ -7,12 +7,35 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from microgpt_cli.dataprep import sample_path
 
 SHAKESPEARE = sample_path("tinyshakespeare")  # the corpus every test uses: shipped in the package
+GPT2_SHAPES = {
+    # n_positions other than 1024, n_embd not a multiple of 64 (head size 10)
+    "small": dict(n_positions=48, n_embd=40, n_layer=2, n_head=4),
+    "wide": dict(n_positions=1024, n_embd=64, n_layer=1, n_head=2),
+}
+
+
+def hf_gpt2(directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A random transformers GPT2LMHeadModel (GPT2_SHAPES["small"] unless overridden) saved in
+    `directory`: what `microgpt import` reads, built without the network."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=50257, **{**GPT2_SHAPES["small"], **overrides})
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # random, non-trivial norms and biases: a wrong mapping shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory)
+    return directory
 
 
 def microgpt(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None,

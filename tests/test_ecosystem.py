@@ -224,17 +224,20 @@ def _checkpoint(path: Path, tokenizer_spec: dict[str, Any], **overrides: Any) ->
     return path, model
 
 
-@pytest.mark.parametrize(("tokenizer", "activation", "tie"), [
-    ("gpt2", "relu", True), ("gpt2", "gelu", False), ("char", "gelu", True), ("char", "relu", False),
+@pytest.mark.parametrize(("tokenizer", "activation", "tie", "pad"), [
+    ("gpt2", "relu", True, 1), ("gpt2", "gelu", False, 1), ("char", "gelu", True, 1), ("char", "relu", False, 1),
+    ("gpt2", "gelu", True, 128), ("char", "relu", False, 64),  # padded rows stay out of the export
 ])
-def test_hf_export_matches_microgpt_logits(tokenizer: str, activation: str, tie: bool, tmp_path: Path) -> None:
+def test_hf_export_matches_microgpt_logits(tokenizer: str, activation: str, tie: bool, pad: int,
+                                           tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     from microgpt_cli.export import export
 
     spec = {"kind": "gpt2"} if tokenizer == "gpt2" else {"kind": "char", "chars": "".join(map(chr, range(32, 127)))}
-    path, model = _checkpoint(tmp_path / "m.pt", spec, activation=activation, tie_weights=tie)
+    path, model = _checkpoint(tmp_path / "m.pt", spec, activation=activation, tie_weights=tie, pad_vocab=pad)
     export(path, tmp_path / "hf", "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.transformer.wte.weight.shape[0] == hf.config.vocab_size == model.config.vocab_size
     idx = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = model(idx), hf(idx).logits

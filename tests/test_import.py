@@ -16,38 +16,19 @@ from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.export import export
 from microgpt_cli.pretrained import import_model
 
-from clitools import microgpt
+from clitools import GPT2_SHAPES, hf_gpt2, microgpt
 
 transformers = pytest.importorskip("transformers")
 
-SHAPES = {
-    # n_positions other than 1024, n_embd not a multiple of 64 (head size 10)
-    "small": dict(n_positions=48, n_embd=40, n_layer=2, n_head=4),
-    "wide": dict(n_positions=1024, n_embd=64, n_layer=1, n_head=2),
-}
-
-
-def hf_model(directory: Path, seed: int = 0, **overrides: Any) -> Path:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=50257, **{**SHAPES["small"], **overrides})
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # random, non-trivial norms and biases: a wrong mapping shows in the logits
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(directory)
-    return directory
-
-
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", list(GPT2_SHAPES))
 def test_imported_logits_equal_transformers(shape: str, tmp_path: Path) -> None:
-    source = hf_model(tmp_path / "hf", **SHAPES[shape])
+    source = hf_gpt2(tmp_path / "hf", **GPT2_SHAPES[shape])
     run = microgpt("import", source, "--out", tmp_path / "model.pt")
     assert "wrote" in run.stderr and "gpt2 tokenizer" in run.stderr
     model, tokenizer = checkpoint.load_checkpoint(tmp_path / "model.pt")
     c = model.config
     assert (c.context, c.n_embed, c.position, c.norm, c.activation, c.tie_weights, c.bias) == (
-        SHAPES[shape]["n_positions"], SHAPES[shape]["n_embd"], "learned", "layernorm", "gelu", True, True)
+        GPT2_SHAPES[shape]["n_positions"], GPT2_SHAPES[shape]["n_embd"], "learned", "layernorm", "gelu", True, True)
     assert tokenizer.kind == "gpt2"
     reference = transformers.GPT2LMHeadModel.from_pretrained(source).eval()
     idx = torch.randint(0, 50257, (2, 30), generator=torch.Generator().manual_seed(1))
@@ -56,7 +37,7 @@ def test_imported_logits_equal_transformers(shape: str, tmp_path: Path) -> None:
 
 
 def test_export_of_an_import_reproduces_the_tensors(tmp_path: Path) -> None:
-    source = hf_model(tmp_path / "hf")
+    source = hf_gpt2(tmp_path / "hf")
     import_model(str(source), tmp_path / "model.pt")
     export(tmp_path / "model.pt", tmp_path / "again", "hf")
     original, again = load_file(source / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
@@ -68,7 +49,7 @@ def test_export_of_an_import_reproduces_the_tensors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("format", ["hf", "safetensors"])
 def test_microgpt_exports_import_back(format: str, make_checkpoint, tmp_path: Path) -> None:
     if format == "hf":  # an hf export needs a GPT-2 shaped model with the GPT-2 tokenizer
-        import_model(str(hf_model(tmp_path / "hf")), tmp_path / "start.pt")
+        import_model(str(hf_gpt2(tmp_path / "hf")), tmp_path / "start.pt")
         start = tmp_path / "start.pt"
     else:
         start = make_checkpoint(position="rope", tie_weights=False)
@@ -80,17 +61,17 @@ def test_microgpt_exports_import_back(format: str, make_checkpoint, tmp_path: Pa
 
 
 def test_imported_model_generates(tmp_path: Path) -> None:
-    import_model(str(hf_model(tmp_path / "hf")), tmp_path / "model.pt")
+    import_model(str(hf_gpt2(tmp_path / "hf")), tmp_path / "model.pt")
     run = microgpt("generate", "-c", tmp_path / "model.pt", "--prompt", "Hello", "--length", "5", "--device", "cpu")
     assert run.stdout.startswith("Hello")
 
 
 def test_bad_sources_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    good = hf_model(tmp_path / "hf")
+    good = hf_gpt2(tmp_path / "hf")
     (tmp_path / "empty").mkdir()
 
     def variant(name: str, **overrides: Any) -> Path:
-        return hf_model(tmp_path / name, **overrides)
+        return hf_gpt2(tmp_path / name, **overrides)
 
     truncated = variant("truncated")
     weights = truncated / "model.safetensors"

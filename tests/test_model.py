@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from microgpt_cli.config import InvalidSetting, ModelConfig, resolve
-from microgpt_cli.model import GPT, apply_rotary, rotary_tables
+from microgpt_cli.model import GPT, apply_rotary, count_params, rotary_tables
+from microgpt_cli.tokenizer import Tokenizer
+
+from conftest import TINY_TEXT, tiny_model
 
 Weights = dict[str, torch.Tensor]
 
@@ -236,3 +241,53 @@ def test_presets_fill_options_and_flags_win() -> None:
     with pytest.raises(InvalidSetting, match="preset 'huge'") as raised:
         resolve("huge", {})
     assert "--preset" in raised.value.with_flags()
+
+
+def padded_twin(model: GPT, pad: int) -> GPT:
+    """`model` with its vocabulary padded to a multiple of `pad`: the same weights in the real rows,
+    large random ones in the padding (which would win every argmax if they were ever used)."""
+    padded = GPT(replace(model.config, pad_vocab=pad)).eval()
+    state = dict(model.state_dict())
+    for name in ("tok_emb.weight", "head.weight"):
+        extra = torch.randn(padded.config.padded_vocab - model.config.vocab_size, model.config.n_embed) * 50
+        state[name] = torch.cat([state[name], extra])
+    if model.config.tie_weights:
+        state["head.weight"] = state["tok_emb.weight"]
+    padded.load_state_dict(state)
+    return padded
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_padded_vocabulary_changes_no_logit_loss_or_gradient(tie: bool) -> None:
+    model = tiny_model(65, tie_weights=tie)
+    padded = padded_twin(model, 64)
+    assert padded.tok_emb.weight.shape[0] == padded.config.padded_vocab == 128 and padded.config.vocab_size == 65
+    assert count_params(padded.config) == padded.num_params() == model.num_params() + 63 * 32 * (1 if tie else 2)
+    idx = torch.randint(0, 65, (3, 16), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 65, (3, 16), generator=torch.Generator().manual_seed(1))
+    assert padded(idx).shape == (3, 16, 65)
+    torch.testing.assert_close(padded(idx), model(idx), atol=1e-5, rtol=0)
+    model.train(), padded.train()
+    loss, padded_loss = model(idx, targets), padded(idx, targets)
+    torch.testing.assert_close(padded_loss, loss, atol=1e-6, rtol=0)
+    padded_loss.backward()
+    loss.backward()
+    assert padded.head.weight.grad is not None and model.head.weight.grad is not None
+    assert torch.all(padded.head.weight.grad[65:] == 0)  # no gradient ever reaches the padding
+    torch.testing.assert_close(padded.head.weight.grad[:65], model.head.weight.grad, atol=1e-6, rtol=0)
+
+
+def test_sampling_and_eval_never_see_the_padding(char_tokenizer: Tokenizer) -> None:
+    from microgpt_cli.evaluation import split_loss
+    from microgpt_cli.sampling import generate_text
+
+    model = tiny_model(char_tokenizer.vocab_size)
+    padded = padded_twin(model, 64)
+    # The padded rows' logits are huge: sampled at temperature 2 with no top-k, any leak would show.
+    text = generate_text(padded, start_text="Hello", length=300, tokenizer=char_tokenizer, temperature=2.0,
+                         top_k=None, seed=3)
+    assert len(text) == len("Hello") + 300 and set(text) <= set(char_tokenizer.spec["chars"])
+    tokens = np.array(char_tokenizer.encode(TINY_TEXT), dtype=np.int64)
+    loss_sum, count, _ = split_loss(padded, tokens, 4, torch.device("cpu"))
+    reference_sum, reference_count, _ = split_loss(model, tokens, 4, torch.device("cpu"))
+    assert count == reference_count and loss_sum == pytest.approx(reference_sum, rel=1e-5)

@@ -63,7 +63,7 @@ def test_every_setting_is_an_option_with_the_fields_default_help_and_choices(
             assert "|".join(get_args(hint)) in help_text, field.name  # --help lists the choices
         flags = field.metadata["flags"] or ("--" + field.name.replace("_", "-"),)
         assert all(flag.split("/")[0] in option.opts for flag in flags), (field.name, option.opts)
-        if field.default not in (None, False, True):
+        if field.default not in (None, False, True, ""):  # "" (none, as for --init-from) shows no default
             assert f"[default: {field.default}]" in help_text, field.name  # --help shows the real default
     extra = set(options) - {f.name for f in dataclasses.fields(cls)}
     expected_extra = {"train": {"config", "preset", "resume", "force"} | {f.name for f in dataclasses.fields(

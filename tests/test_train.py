@@ -326,3 +326,34 @@ def test_grad_accum_trains_like_the_whole_batch(char_data: Path, tmp_path: Path)
     assert all(torch.allclose(whole[k], accumulated[k], atol=1e-5) for k in whole)
     # Teeth: half the effective batch trains to visibly other weights.
     assert max((whole[k] - smaller[k]).abs().max().item() for k in whole) > 1e-3
+
+
+def test_the_summarys_tokens_per_sec_leaves_the_warm_up_out(small_char_data: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from microgpt_cli.events import Evaluated, Logged, RunEnded
+    from microgpt_cli.progress import TrainDisplay
+
+    model = ModelConfig(n_layer=1, n_embed=32, n_head=2, context=32)
+    logged: list[Logged | Evaluated] = []  # every log window's metrics, the last one's come with its evaluation
+
+    def run(out: str, steps: int) -> RunEnded:
+        cfg = TrainConfig(data=str(small_char_data), out=str(tmp_path / out), max_steps=steps, log_interval=3,
+                          eval_interval=10**6, eval_tokens=500)
+        with TrainDisplay() as display:
+            def both(event: Any) -> None:
+                display.event(event)
+                if isinstance(event, (Logged, Evaluated)):
+                    logged.append(event)
+            return training.train(model, cfg, on_event=both)
+
+    summary = run("long", 12)
+    # Log windows of 3 steps: the first (start-up, first step) is left out, the other three count.
+    assert summary.timed_steps == 9 and summary.warmup_excluded and summary.mfu is None
+    rates = [e.metrics.tokens_per_sec for e in logged[1:] if e.metrics.tokens_per_sec is not None]
+    harmonic = len(rates) / sum(1 / r for r in rates)  # equal steps per window: tokens/s over their total time
+    assert summary.tokens_per_sec == pytest.approx(harmonic, rel=0.05)
+    assert all(e.metrics.mfu is None for e in logged)  # on CUDA only
+    assert "tokens/s (9 steps, after warm-up)" in capsys.readouterr().err
+    short = run("short", 2)  # one window, cut short by the end: all there is, and the summary says so
+    assert short.timed_steps == 2 and not short.warmup_excluded
+    assert "tokens/s (2 steps, warm-up included)" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""What the GPU measurements rest on, checked on any machine: the peak table, a measured peak and
+the MFU arithmetic (tests/test_train.py covers the summary's warm-up-free tokens/s)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from microgpt_cli.config import PRESETS, ModelConfig, resolve
+from microgpt_cli.device import known_peak_flops, measured_peak_flops, model_flops_utilization, peak_flops
+from microgpt_cli.model import GPT
+
+
+@pytest.mark.parametrize(("name", "peak"), [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12), ("NVIDIA GeForce RTX 4090", 165e12), ("Tesla T4", 65e12),
+    ("Some Future GPU", None),
+])
+def test_known_gpus_have_their_datasheet_peak(name: str, peak: float | None) -> None:
+    assert known_peak_flops(name) == peak
+
+
+def test_an_unknown_device_gets_a_measured_peak() -> None:
+    flops = measured_peak_flops(torch.device("cpu"), size=256, repeats=3)
+    assert math.isfinite(flops) and 1e8 < flops < 1e15
+    assert peak_flops(torch.device("cpu")) is None  # MFU is reported on CUDA only
+
+
+def test_mfu_of_the_gpt2_preset_reproduces_the_figures_measured_on_an_h200() -> None:
+    """The issue's H200 table: 452k tokens/s of --preset gpt2 was 'about 39%' of 989 TFLOP/s."""
+    model_kwargs, _ = resolve("gpt2", {})
+    with torch.device("meta"):  # the shape is all that counts: no memory for 124M weights
+        model = GPT(ModelConfig(vocab_size=50257, **model_kwargs))
+    assert model.config.padded_vocab == 50304 and PRESETS["gpt2"]["pad_vocab"] == 128
+    flops = model.flops_per_token()
+    assert 850e6 < flops < 870e6  # 6 x 124M (head included, positions not) + attention over 1024 positions
+    assert model_flops_utilization(452e3, flops, 989e12) == pytest.approx(0.39, abs=0.01)
+    assert model_flops_utilization(8 * 452e3, flops, 989e12, devices=8) == pytest.approx(0.39, abs=0.01)
