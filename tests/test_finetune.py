@@ -198,3 +198,13 @@ def test_the_readmes_fine_tuning_commands_run_with_a_local_gpt2(tmp_path: Path) 
         assert run.returncode == 0 and "Traceback" not in run.stderr, (command, run.stderr)
     assert run.stdout.startswith("ROMEO:") and len(run.stdout) > len("ROMEO:")
     assert checkpoint.load(tmp_path / "finetuned" / "best.pt").init_from["path"] == "gpt2.pt"
+
+
+@pytest.mark.parametrize("forged", [{"path": 5, "sha256": "ab"}, {"path": "a.pt"}, {"sha256": "ab", "x": "y"}])
+def test_a_forged_init_from_record_is_refused(forged: dict, imported: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    state = torch.load(imported, weights_only=True)
+    state["init_from"] = forged
+    torch.save(state, tmp_path / "forged.pt")
+    code, _, err = run_cli(capsys, "info", tmp_path / "forged.pt")
+    assert_one_error_line(code, err, "not a valid microgpt checkpoint", "init_from must hold the path and sha256")
