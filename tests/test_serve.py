@@ -251,7 +251,7 @@ def test_open_host_without_a_key_warns(model_file: Path) -> None:
     assert code == 0 and "without --api-key" in err
 
 
-def test_the_playground_in_a_real_browser(server: Served) -> None:
+def test_the_playground_in_a_real_browser(model_file: Path) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -262,6 +262,8 @@ def test_the_playground_in_a_real_browser(server: Served) -> None:
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(flag)
+    # A sample far longer than the test takes, so that Stop always lands while text still streams.
+    server = Served(model_file, "--max-tokens-limit", "1000000")
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
         driver.get(server.url + "/")
@@ -275,12 +277,13 @@ def test_the_playground_in_a_real_browser(server: Served) -> None:
         prompt.send_keys("KING:")
         max_tokens = driver.find_element(By.ID, "max_tokens")
         max_tokens.clear()
-        max_tokens.send_keys("500")
+        max_tokens.send_keys("200000")
         driver.find_element(By.ID, "generate").click()
         wait.until(lambda d: len(d.find_element(By.ID, "generated").text) > 20)  # text streams in
         driver.find_element(By.ID, "stop").click()
         wait.until(lambda d: d.find_element(By.ID, "status").text == "stopped")
         shown = driver.find_element(By.ID, "generated").text
-        assert 20 < len(shown) < 500 and driver.find_element(By.ID, "generate").is_enabled()
+        assert 20 < len(shown) < 200000 and driver.find_element(By.ID, "generate").is_enabled()
     finally:
         driver.quit()
+        server.stop()
