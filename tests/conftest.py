@@ -65,14 +65,24 @@ def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def small_char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first fifth of tinyshakespeare, char-tokenized: full-split evaluations stay quick."""
+def _small_shakespeare(tmp_path_factory: pytest.TempPathFactory, tokenizer: str) -> Path:
+    """The first fifth of tinyshakespeare prepared with `tokenizer`: full-split evaluations stay quick."""
     root = tmp_path_factory.mktemp("small")
     text = root / "shakespeare.txt"
     text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
-    prepare([text], root / "data", tokenizer="char")
+    prepare([text], root / "data", tokenizer=tokenizer)
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def small_char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _small_shakespeare(tmp_path_factory, "char")
+
+
+@pytest.fixture(scope="session")
+def small_gpt2_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """In GPT-2 tokens: the tokenizer of a `microgpt import`."""
+    return _small_shakespeare(tmp_path_factory, "gpt2")
 
 
 @pytest.fixture

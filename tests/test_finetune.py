@@ -16,7 +16,6 @@ import torch
 
 from microgpt_cli import checkpoint
 from microgpt_cli.config import PRESETS, InvalidSetting, ModelConfig, TrainConfig, resolve
-from microgpt_cli.dataprep import prepare
 from microgpt_cli.errors import Interrupted
 from microgpt_cli.events import Event, StepDone
 from microgpt_cli.training import train
@@ -29,16 +28,6 @@ RUN = ["--context", "32", "--batch-size", "8", "--eval-tokens", "2000"]
 
 
 @pytest.fixture(scope="module")
-def gpt2_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fifth of tinyshakespeare in GPT-2 tokens (the tokenizer of an import)."""
-    root = tmp_path_factory.mktemp("gpt2-data")
-    text = root / "shakespeare.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
-    prepare([text], root / "data", tokenizer="gpt2")
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny GPT-2 (context 48, 40 wide) through `microgpt import`."""
     root = tmp_path_factory.mktemp("import")
@@ -47,10 +36,10 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pretrained(imported: Path, gpt2_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pretrained(imported: Path, small_gpt2_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The import trained a little on the data: a start whose val loss is far from a random model's."""
     out = tmp_path_factory.mktemp("pretrained") / "run"
-    microgpt("train", "--init-from", imported, "--data", gpt2_data, "--out", out, *RUN, "--lr", "3e-3",
+    microgpt("train", "--init-from", imported, "--data", small_gpt2_data, "--out", out, *RUN, "--lr", "3e-3",
              "--max-steps", "40", "--eval-interval", "40", "--warmup-steps", "5")
     return out
 
@@ -60,11 +49,11 @@ def metrics(run: Path) -> list[dict[str, float]]:
 
 
 def test_a_finetune_starts_where_its_checkpoint_stands_and_lowers_the_val_loss(
-        pretrained: Path, imported: Path, gpt2_data: Path, tmp_path: Path) -> None:
+        pretrained: Path, imported: Path, small_gpt2_data: Path, tmp_path: Path) -> None:
     start_val = metrics(pretrained)[-1]["val_loss"]
     assert start_val < 9.0 < metrics(pretrained)[0]["val_loss"]  # the import (random) starts near ln(50257)
     out = tmp_path / "finetuned"
-    run = microgpt("train", "--init-from", pretrained, "--preset", "finetune", "--data", gpt2_data, "--out", out,
+    run = microgpt("train", "--init-from", pretrained, "--preset", "finetune", "--data", small_gpt2_data, "--out", out,
                    *RUN, "--max-steps", "40", "--eval-interval", "20")
     assert f"starting from {pretrained / 'best.pt'}" in run.stderr
     rows = metrics(out)
@@ -92,12 +81,12 @@ def test_a_finetune_starts_where_its_checkpoint_stands_and_lowers_the_val_loss(
     assert microgpt("generate", "--checkpoint", out, "--prompt", "ROMEO:", "--length", "5").stdout.startswith("ROMEO:")
 
 
-def test_context_may_shorten_and_dropout_may_change(imported: Path, gpt2_data: Path, tmp_path: Path) -> None:
+def test_context_may_shorten_and_dropout_may_change(imported: Path, small_gpt2_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     # An LR far below float32's resolution: the saved weights are the start's, to the bit.
-    train(ModelConfig(context=16, dropout=0.2), TrainConfig(data=str(gpt2_data), out=str(out), init_from=str(imported),
-                                                            max_steps=1, lr=1e-30, eval_tokens=500),
-          given={"context", "dropout", "init_from"})
+    cfg = TrainConfig(data=str(small_gpt2_data), out=str(out), init_from=str(imported), max_steps=1, lr=1e-30,
+                      eval_tokens=500)
+    train(ModelConfig(context=16, dropout=0.2), cfg, given={"context", "dropout", "init_from"})
     start, saved = checkpoint.load(imported), checkpoint.load(out / "last.pt")
     assert saved.model_config.context == 16 and saved.model_config.dropout == 0.2
     assert saved.model["pos_emb.weight"].shape[0] == 16
@@ -106,9 +95,9 @@ def test_context_may_shorten_and_dropout_may_change(imported: Path, gpt2_data: P
         assert torch.equal(saved.model[name], expected), name
 
 
-def test_a_finetune_resumes_exactly(pretrained: Path, gpt2_data: Path, tmp_path: Path) -> None:
+def test_a_finetune_resumes_exactly(pretrained: Path, small_gpt2_data: Path, tmp_path: Path) -> None:
     def settings(out: Path) -> TrainConfig:
-        return TrainConfig(data=str(gpt2_data), out=str(out), init_from=str(pretrained), max_steps=8, lr=1e-3,
+        return TrainConfig(data=str(small_gpt2_data), out=str(out), init_from=str(pretrained), max_steps=8, lr=1e-3,
                            warmup_steps=2, eval_interval=4, eval_tokens=500, batch_size=4)
 
     model = ModelConfig(context=32, dropout=0.1)  # dropout too: its masks must replay on resume
@@ -135,16 +124,16 @@ def test_a_finetune_resumes_exactly(pretrained: Path, gpt2_data: Path, tmp_path:
     (["--context", "64"], ["--context 64 is longer than --init-from's 48", "never lengthened"]),
 ])
 def test_flags_that_contradict_the_checkpoint_are_refused(args: list[str], fragments: list[str], imported: Path,
-                                                          gpt2_data: Path, tmp_path: Path,
+                                                          small_gpt2_data: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(capsys, "train", "--init-from", imported, "--data", gpt2_data, "--out", tmp_path / "run",
-                           *args)
+    code, _, err = run_cli(capsys, "train", "--init-from", imported, "--data", small_gpt2_data,
+                           "--out", tmp_path / "run", *args)
     assert_one_error_line(code, err, *fragments)
     assert not (tmp_path / "run").exists()
 
 
 def test_another_tokenizer_missing_or_damaged_start_are_refused(
-        imported: Path, gpt2_data: Path, small_char_data: Path, tmp_path: Path,
+        imported: Path, small_gpt2_data: Path, small_char_data: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     def refused(init_from: Path, data: Path, *fragments: str) -> None:
         code, _, err = run_cli(capsys, "train", "--init-from", init_from, "--data", data, "--out", tmp_path / "run")
@@ -153,17 +142,17 @@ def test_another_tokenizer_missing_or_damaged_start_are_refused(
 
     refused(imported, small_char_data, "prepared with tokenizer char", f"--init-from {imported} uses gpt2",
             "microgpt prepare --tokenizer gpt2")
-    refused(tmp_path / "missing.pt", gpt2_data, f"--init-from {tmp_path / 'missing.pt'} does not exist")
+    refused(tmp_path / "missing.pt", small_gpt2_data, f"--init-from {tmp_path / 'missing.pt'} does not exist")
     (tmp_path / "empty").mkdir()
-    refused(tmp_path / "empty", gpt2_data, "no checkpoint in")
+    refused(tmp_path / "empty", small_gpt2_data, "no checkpoint in")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(imported.read_bytes()[:5000])
-    refused(truncated, gpt2_data, "truncated")
+    refused(truncated, small_gpt2_data, "truncated")
 
 
-def test_resume_cannot_switch_the_start(pretrained: Path, imported: Path, gpt2_data: Path,
+def test_resume_cannot_switch_the_start(pretrained: Path, imported: Path, small_gpt2_data: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(capsys, "train", "--resume", "--data", gpt2_data, "--out", pretrained, "--init-from",
+    code, _, err = run_cli(capsys, "train", "--resume", "--data", small_gpt2_data, "--out", pretrained, "--init-from",
                            pretrained / "last.pt")
     assert_one_error_line(code, err, "cannot change --init-from", "on resume")
 
