@@ -1,6 +1,6 @@
 """Fine-tuning from a checkpoint (`microgpt train --init-from`): its memory, and what `--preset finetune` gives.
 
-    python benchmarks/finetune.py                  # both parts, about 25 minutes on 2 CPU cores
+    python benchmarks/finetune.py                  # both parts, about 40 minutes on 2 CPU cores
     python benchmarks/finetune.py --part memory    # about 2 minutes
 
 memory: a randomly initialized GPT-2 124M (built with transformers and saved locally, so no network is
@@ -12,7 +12,8 @@ preset: no pretrained GPT-2 is at hand offline, so a small GPT-2-shaped model (4
 tokenizer) is pretrained here on other English text (the package descriptions of the installed Python
 packages), then fine-tuned on tinyshakespeare for the preset's steps: with the preset as it is, with its
 LR divided and multiplied by 3, and, for comparison, the same model trained from random weights for the
-same steps. Prints the val loss at the start and the best one reached.
+same steps. Prints the tinyshakespeare val loss at the start and the best one reached, and what the best
+checkpoint still scores on the pretraining text (how much of the base it forgot).
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ def microgpt(*args: object, cwd: Path) -> tuple[float, int]:
     if process.returncode:
         sys.exit(f"microgpt {' '.join(map(str, args))} failed:\n{stderr[-2000:]}")
     return time.perf_counter() - began, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+
+
+def eval_loss(checkpoint: Path, data: Path, cwd: Path) -> float:
+    """`microgpt eval`'s loss of `checkpoint` on the whole validation split of `data`."""
+    result = subprocess.run([sys.executable, "-m", "microgpt_cli", "eval", "--checkpoint", str(checkpoint), "--data",
+                             str(data), "--json"], cwd=cwd, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"microgpt eval {checkpoint} failed:\n{result.stderr[-2000:]}")
+    return float(json.loads(result.stdout)["loss"])
 
 
 def val_losses(run: Path) -> tuple[float, float]:
@@ -83,24 +93,27 @@ def preset(work: Path, base_seconds: float) -> None:
              "--warmup-steps", 50, "--time-budget", base_seconds, "--eval-tokens", 16384, cwd=work)
     steps = PRESETS["finetune"]["max_steps"]
     print(f"\nbase: {len(base_text):,} chars of package descriptions, {base_seconds:g} s of pretraining; val loss "
-          f"{val_losses(work / 'base')[1]:.3f} on them\n")
-    print(f"| run ({steps} steps, batch 8 x context 128) | LR | seconds | val loss at start | best val loss |")
-    print("|---|---:|---:|---:|---:|")
-    runs = [("--preset finetune", FINETUNE_LR), ("--preset finetune, LR / 3", FINETUNE_LR / 3),
+          f"{eval_loss(work / 'base', work / 'data-base', work):.3f} on them\n")
+    print(f"| run ({steps} steps, batch 8 x context 128) | LR | seconds | tinyshakespeare val loss at start | best "
+          "| package descriptions' val loss after |")
+    print("|---|---:|---:|---:|---:|---:|")
+    runs = [("--preset finetune, LR / 3", FINETUNE_LR / 3), ("--preset finetune", FINETUNE_LR),
             ("--preset finetune, LR x 3", FINETUNE_LR * 3)]
     for name, lr in runs:
         out = work / f"ft-{lr:g}"
         seconds, _ = microgpt("train", "--init-from", work / "base", "--preset", "finetune", "--lr", lr, "--data",
                               work / "data-shakespeare", "--out", out, *FINETUNE_FLAGS, cwd=work)
         start, best = val_losses(out)
-        print(f"| {name} | {lr:g} | {seconds:.0f} | {start:.3f} | {best:.3f} |", flush=True)
+        print(f"| {name} | {lr:g} | {seconds:.0f} | {start:.3f} | {best:.3f} | "
+              f"{eval_loss(out, work / 'data-base', work):.3f} |", flush=True)
     out = work / "scratch"
     seconds, _ = microgpt("train", "--data", work / "data-shakespeare", "--out", out, *PROXY_SHAPE, "--max-steps",
                           steps, "--lr", "1e-3", "--warmup-steps", 20, "--eval-interval", 50, "--eval-tokens",
                           PRESETS["finetune"]["eval_tokens"],
                           "--batch-size", 8, cwd=work)
     first, best = val_losses(out)
-    print(f"| from random weights (AdamW) | 0.001 | {seconds:.0f} | ({first:.3f} at step 50) | {best:.3f} |")
+    print(f"| from random weights (AdamW) | 0.001 | {seconds:.0f} | ({first:.3f} at step 50) | {best:.3f} | "
+          f"{eval_loss(out, work / 'data-base', work):.3f} |")
 
 
 def main() -> None:

