@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -267,17 +268,24 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise MicroGPTError(f"{path} is not a microgpt checkpoint (not a torch.save file, or truncated)")
     _check_integrity(path)
+    return Checkpoint.from_dict(load_weights_only(path, map_location, "microgpt checkpoint"), path)
+
+
+def load_weights_only(path: Path, map_location: str | torch.device = "cpu", what: str = "checkpoint") -> Any:
+    """torch.load(weights_only=True) of a file nobody vouches for: whatever is wrong with it is one
+    MicroGPTError naming `what` it should have been."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise MicroGPTError(
-            f"{path} is not a safe microgpt checkpoint: it asks to run code or load objects "
-            f"that weights_only loading refuses"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MicroGPTError(f"{path} is not a readable checkpoint (truncated or corrupted?): {first_line}") from exc
-    return Checkpoint.from_dict(state, path)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise MicroGPTError(f"{path} is not a safe {what}: it asks to run code or load objects that weights_only "
+                            "loading refuses") from None
+    except Exception as exc:  # the restricted unpickler parses untrusted bytes, and junk that passes the
+        # zip checksums fails inside it in many ways (struct.error, KeyError, IndexError, ...)
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise MicroGPTError(f"{path} is not a readable {what} (truncated or corrupted?): "
+                            f"{type(exc).__name__}{': ' if detail else ''}{detail}") from None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:

@@ -462,10 +462,11 @@ def import_command(
     """Import pretrained GPT-2 weights as a microgpt checkpoint, for info, eval, generate, serve and export."""
     from microgpt_cli.pretrained import import_model
 
-    path, model = import_model(source, out, force)
+    path, model, tokenizer = import_model(source, out, force)
     c = model.config
     stderr.print(f"wrote {escape(str(path))}: {model.num_params() / 1e6:.2f}M parameters ({c.n_layer} layers x "
-                 f"{c.n_embed}, {c.n_head} heads, context {c.context}), gpt2 tokenizer", highlight=False)
+                 f"{c.n_embed}, {c.n_head} heads, context {c.context}), {escape(tokenizer.name)} tokenizer",
+                 highlight=False)
 
 
 # --- serve -----------------------------------------------------------------------------------

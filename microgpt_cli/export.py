@@ -174,25 +174,29 @@ def _write_safetensors(directory: Path, state: Checkpoint) -> None:
 
 
 def load_safetensors_export(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """The model (eval mode) and tokenizer of an `export --format safetensors` directory."""
+    """The model (eval mode) and tokenizer of an `export --format safetensors` directory, checked as
+    strictly as a checkpoint file (it is one, in other files)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from microgpt_cli.model import GPT
-    from microgpt_cli.tokenizer import from_spec
+    from microgpt_cli.checkpoint import FORMAT_VERSION as CHECKPOINT_VERSION
+    from microgpt_cli.checkpoint import Checkpoint
 
     directory = Path(directory)
     try:
         config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-        if config.get("format") != "microgpt":
-            raise ValueError("not a microgpt export")
+        if not isinstance(config, dict) or config.get("format") != "microgpt":
+            raise ValueError(f'its {CONFIG_FILE} does not say "format": "microgpt"')
         weights = load_file(directory / WEIGHTS_FILE)
-    except (OSError, ValueError) as exc:
-        raise MicroGPTError(f"{directory} is not a microgpt safetensors export: {exc}") from exc
-    model = GPT(ModelConfig(**config["model_config"]))
-    if model.config.tie_weights:
-        weights["head.weight"] = weights["tok_emb.weight"]
-    model.load_state_dict(weights)
-    return model.to(device).eval(), from_spec(config["tokenizer"])
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise MicroGPTError(f"{directory} is not a microgpt safetensors export: {str(exc)[:200]}") from None
+    model_config = config.get("model_config")
+    if isinstance(model_config, dict) and model_config.get("tie_weights") and "tok_emb.weight" in weights:
+        weights["head.weight"] = weights["tok_emb.weight"]  # stored once; the model has it under both names
+    state = {"version": CHECKPOINT_VERSION, "model": weights, "model_config": model_config,
+             "tokenizer": config.get("tokenizer")}
+    checkpoint = Checkpoint.from_dict(state, directory / CONFIG_FILE)
+    return checkpoint.build_model().to(device).eval(), checkpoint.tokenizer_object()
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

@@ -9,8 +9,6 @@ from the files: safetensors, or torch.load(weights_only=True).
 from __future__ import annotations
 
 import json
-import pickle
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,9 @@ HUB_FILES = [CONFIG_FILE, WEIGHTS_FILE]
 _ACTIVATIONS: dict[str, Activation] = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
 
-def import_model(source: str, out: str | Path, force: bool = False) -> tuple[Path, GPT]:
+def import_model(source: str, out: str | Path, force: bool = False) -> tuple[Path, GPT, Tokenizer]:
     """Write the checkpoint of `source` to `out` (refusing to replace a file unless `force`);
-    returns the path written and the model."""
+    returns the path written, the model and its tokenizer (GPT-2's, or an export's own)."""
     out = Path(out)
     if out.exists() and not force:
         raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
@@ -40,7 +38,7 @@ def import_model(source: str, out: str | Path, force: bool = False) -> tuple[Pat
     directory = _local_directory(source)
     model, tokenizer = _load(directory)
     checkpoint.save(out, checkpoint.Checkpoint.of(model, tokenizer))
-    return out, model
+    return out, model, tokenizer
 
 
 def _local_directory(source: str) -> Path:
@@ -71,22 +69,53 @@ def _load(directory: Path) -> tuple[GPT, Tokenizer]:
         raise MicroGPTError(f"{directory / CONFIG_FILE} is not readable JSON: {exc}") from None
     if not isinstance(config, dict):
         raise MicroGPTError(f"{directory / CONFIG_FILE} is not a model config")
+    _check_types(config, directory / CONFIG_FILE)
     if config.get("format") == "microgpt":  # export --format safetensors
         return load_safetensors_export(directory)
-    model_config = _model_config(config, directory)
-    weights = _weights(directory)
-    state = _from_gpt2_names(weights, model_config, directory)
-    model = GPT(model_config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise MicroGPTError(f"{directory}: the weights do not fit its config.json: {str(exc).splitlines()[1][:200]}"
-                            ) from None
     exported = config.get("microgpt", {}).get("tokenizer", {}).get("kind")
     if exported not in (None, "gpt2"):
         raise MicroGPTError(f"{directory} was exported from a model with a {exported} tokenizer; import its "
                             "`export --format safetensors` directory instead, which carries that tokenizer")
-    return model.eval(), named("gpt2")
+    model_config = _model_config(config, directory)
+    tokenizer = named("gpt2")
+    state = _from_gpt2_names(_weights(directory), model_config, directory)
+    try:  # counts the weights against the config before building it: a hostile config may claim a huge model
+        model = checkpoint.Checkpoint(state, model_config, tokenizer.spec).build_model()
+    except MicroGPTError as exc:
+        raise MicroGPTError(f"{directory}: {exc}") from None
+    return model.eval(), tokenizer
+
+
+# The JSON type of each config.json key read here, where present: (Python types, as said in an error).
+_STRING, _BOOL, _INT = ((str,), "a string"), ((bool,), "true or false"), ((int,), "an integer")
+_KEY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    **dict.fromkeys(["model_type", "activation_function", "format"], _STRING),
+    **dict.fromkeys(["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "scale_attn_weights",
+                     "tie_word_embeddings"], _BOOL),
+    **dict.fromkeys(["vocab_size", "n_layer", "n_head", "n_embd", "n_positions"], _INT),
+    "n_inner": ((int, type(None)), "an integer or null"),
+    "layer_norm_epsilon": ((int, float), "a number"),
+    "microgpt": ((dict,), "an object"),
+}
+
+
+def _check_types(config: dict[str, Any], path: Path) -> None:
+    """Validate at the edge: each key this module reads has its JSON type, so the rest can trust it."""
+    for key, (types, said) in _KEY_TYPES.items():
+        value = config.get(key)
+        wrong_bool = isinstance(value, bool) and bool not in types  # JSON true is no integer
+        if key in config and (wrong_bool or not isinstance(value, types)):
+            raise MicroGPTError(f"{path}: {key} must be {said}, got {_shown(value)}")
+    extra = config.get("microgpt", {})
+    for key in ("model_config", "tokenizer"):
+        if key in extra and not isinstance(extra[key], dict):
+            raise MicroGPTError(f"{path}: microgpt.{key} must be an object, got {_shown(extra[key])}")
+
+
+def _shown(value: Any) -> str:
+    """A config value as JSON, cut short (a hostile file may hold a 400-digit number)."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def _model_config(config: dict[str, Any], directory: Path) -> ModelConfig:
@@ -95,7 +124,7 @@ def _model_config(config: dict[str, Any], directory: Path) -> ModelConfig:
     if isinstance(ours, dict):  # export --format hf: the exact settings ride along
         try:
             return ModelConfig(**ours)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, MicroGPTError) as exc:
             raise MicroGPTError(f"{directory / CONFIG_FILE}: invalid microgpt model_config: {exc}") from None
     problems = []
     if config.get("model_type") != "gpt2":
@@ -112,9 +141,11 @@ def _model_config(config: dict[str, Any], directory: Path) -> ModelConfig:
         problems.append("an untied head (tie_word_embeddings false)")
     n_embd, n_inner = config.get("n_embd"), config.get("n_inner")
     if n_inner is not None and n_inner != 4 * (n_embd or 0):
-        problems.append(f"n_inner {n_inner} (microgpt's feed-forward is 4 x n_embd)")
-    if abs(float(config.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
-        problems.append(f"layer_norm_epsilon {config.get('layer_norm_epsilon')} (microgpt's LayerNorm uses 1e-5)")
+        problems.append(f"n_inner {_shown(n_inner)} (microgpt's feed-forward is 4 x n_embd)")
+    epsilon = config.get("layer_norm_epsilon", 1e-5)
+    # an int (maybe past any float) is never 1e-5; `not <=` also refuses NaN, which Python's json reads
+    if isinstance(epsilon, int) or not abs(epsilon - 1e-5) <= 1e-12:
+        problems.append(f"layer_norm_epsilon {_shown(epsilon)} (microgpt's LayerNorm uses 1e-5)")
     vocab = config.get("vocab_size")
     if isinstance(vocab, int) and vocab < GPT2_END_OF_TEXT + 1:
         problems.append(f"vocab_size {vocab} (smaller than GPT-2's {GPT2_END_OF_TEXT + 1:,} tokens)")
@@ -143,15 +174,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
                                 f"corrupted?): {str(exc)[:200]}") from None
     legacy = directory / "pytorch_model.bin"
     if legacy.exists():
-        try:
-            with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing them
-                warnings.simplefilter("ignore")
-                state = torch.load(legacy, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise MicroGPTError(f"{legacy} asks to run code or load objects that weights_only loading refuses; "
-                                "convert it to model.safetensors") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise MicroGPTError(f"{legacy} is not a readable checkpoint: {str(exc).splitlines()[0][:200]}") from None
+        state = checkpoint.load_weights_only(legacy, what="PyTorch weights file")
         if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
             return state
         raise MicroGPTError(f"{legacy} does not hold a plain dict of tensors")

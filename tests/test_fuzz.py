@@ -84,7 +84,7 @@ def examples(count: int) -> settings:
 
 @dataclass(frozen=True)
 class Ref:
-    """A shared input (data, model.pt, gpt2-model.pt, run, text.txt) that no case may change."""
+    """A shared input (data, model.pt, gpt2-model.pt, run, text.txt, hf, export) that no case may change."""
 
     name: str
 
@@ -558,7 +558,7 @@ TRAIN_KEYS = ["data", "out", "preset", "resume", "force", "epochs", "max_steps",
               "batches", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "beta1",
               "beta2", "optimizer", "muon_lr", "eval_interval", "eval_tokens", "log_interval", "seed", "device",
               "compile", "threads", "n_layer", "n_head", "n_ma", "n_embed", "context", "text_size", "dropout",
-              "position", "norm", "activation", "qk_norm", "tie_weights", "bias"]
+              "position", "norm", "activation", "qk_norm", "tie_weights", "bias", "pad_vocab", "init_from"]
 TRAIN_GOOD_TOML = {"lr": "0.01", "warmup_steps": "1", "seed": "7", "dropout": "0.0", "position": '"rope"',
                    "norm": '"rmsnorm"', "activation": '"gelu"', "qk_norm": "true", "bias": "false",
                    "optimizer": '"muon"', "log_interval": "1", "eval_tokens": "0", "preset": '"cpu"',
@@ -631,7 +631,10 @@ def train_options() -> Slots:
         "activation": option("--activation", choice_text("relu", "relu2", "gelu")),
         "flags": flag("--qk-norm", "--no-qk-norm", "--untie-weights", "--no-bias", "--bias"),
         "time_budget": option("--time-budget", float_text(st.floats(0, 60), huge=True)),
-        "preset": option("--preset", choice_text("cpu", "gpt2")),
+        "pad_vocab": option("--pad-vocab", int_text(st.sampled_from([1, 3, 64, 128]))),
+        # of the good checkpoints, only the shared run has TINY_TRAIN's shape and the data's tokenizer
+        "init_from": option("--init-from", checkpoint_input()),
+        "preset": option("--preset", choice_text("cpu", "gpt2", "finetune")),
     }
 
 
@@ -763,6 +766,139 @@ def export_cases() -> st.SearchStrategy[tuple[str, Part]]:
                 maybe(opt("--out", output_path("exported")))),
         "format": (maybe(opt("--format", st.sampled_from(["hf", "safetensors"]))),
                    opt("--format", choice_text("hf", "safetensors"))),
+        "force": flag("--force"),
+    })
+
+
+HF_CONFIG_KEYS = ["model_type", "architectures", "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head",
+                  "n_inner", "activation_function", "layer_norm_epsilon", "tie_word_embeddings",
+                  "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention", "torch_dtype"]
+HF_CONFIG_VALUES = st.one_of(json_junk(), st.sampled_from(
+    [DELETE, 0, 1, 2, 3, 16, 17, 50257, 50256, 1024, "gpt2", "bert", ["GPT2LMHeadModel"], ["LlamaForCausalLM"],
+     "gelu_new", "gelu", "relu", "swish", True, False, "float16", "bfloat16"]))
+
+
+EXPORT_CONFIG_PATHS = [("format",), ("version",), ("model_config",), ("model_config", "n_layer"),
+                       ("model_config", "n_embed"), ("model_config", "vocab_size"), ("model_config", "tie_weights"),
+                       ("model_config", "position"), ("model_config", "pad_vocab"), ("model_config", "extra"),
+                       ("tokenizer",), ("tokenizer", "kind"), ("tokenizer", "chars")]
+
+
+@functools.cache
+def good_source_files(kind: str) -> dict[str, bytes]:
+    """What `microgpt import` reads, as files: "hf", a random transformers GPT-2 small enough to copy into
+    every case (1 layer, 8 wide, context 16); "export", `microgpt export --format safetensors` of the
+    shared char model."""
+    from microgpt_cli.export import export
+
+    from clitools import hf_gpt2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "hf":
+            directory = hf_gpt2(Path(tmp) / "hf", n_positions=16, n_embd=8, n_layer=1, n_head=2)
+        else:
+            (Path(tmp) / "model.pt").write_bytes(good_checkpoint_bytes())
+            directory = Path(tmp) / "exported"
+            export(Path(tmp) / "model.pt", directory, "safetensors")
+        return {f.name: f.read_bytes() for f in directory.iterdir()}
+
+
+def safetensors_parts(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """A safetensors file's JSON header and the tensor bytes after it."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]), data[8 + size:]
+
+
+def safetensors_bytes(header: dict[str, Any], body: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + body
+
+
+@st.composite
+def weights_blob(draw: st.DrawFn, kind: str) -> Blob:
+    """model.safetensors gone wrong: cut short (often inside the header), bytes flipped, random, or a
+    header whose tensors say another dtype, shape, offsets or name than the data holds."""
+    good = good_source_files(kind)["model.safetensors"]
+    header, body = safetensors_parts(good)
+    damage = draw(st.sampled_from(["cut", "flip", "random", "header", "header"]))
+    if damage == "cut":
+        k = draw(st.integers(0, 300) | st.integers(0, len(good) - 1))
+        return Blob(f"safetensors cut to {k} of {len(good)} bytes", good[:k])
+    if damage == "flip":
+        changes = draw(st.lists(st.tuples(st.integers(0, 300) | st.integers(0, len(good) - 1), st.integers(1, 255)),
+                                min_size=1, max_size=4))
+        flipped = bytearray(good)
+        for at, mask in changes:
+            flipped[at] ^= mask
+        return Blob(f"safetensors with bytes flipped at {changes}", bytes(flipped))
+    if damage == "random":
+        data = draw(st.binary(max_size=200))
+        return Blob(f"random bytes {data[:20]!r}", data)
+    edits = draw(st.lists(st.tuples(st.sampled_from(sorted(header)),
+                                    st.sampled_from(["dtype", "shape", "data_offsets", "<rename>", "<delete>"]),
+                                    st.one_of(json_junk(), st.sampled_from(["F16", "BF16", "I64", "F64", "BOOL"]),
+                                              st.lists(st.integers(0, 70000), max_size=3))),
+                          min_size=1, max_size=3))
+    edited = copy.deepcopy(header)
+    for name, key, value in edits:
+        if name not in edited or not isinstance(edited[name], dict):
+            continue
+        if key == "<delete>":
+            del edited[name]
+        elif key == "<rename>":
+            edited[f"{name}.x"] = edited.pop(name)
+        else:
+            edited[name][key] = value
+    return Blob(f"safetensors header edited {edits}", safetensors_bytes(edited, body))
+
+
+@st.composite
+def config_json_blob(draw: st.DrawFn, kind: str) -> Blob:
+    """config.json with keys set to other values (valid for another model, or junk) or removed, or no JSON."""
+    if draw(st.integers(0, 4)) == 0:
+        blob = draw(text_blob(100))
+        return Blob(f"config.json of {blob.label}", blob.data)
+    config = json.loads(good_source_files(kind)["config.json"])
+    paths = [(k,) for k in HF_CONFIG_KEYS] if kind == "hf" else EXPORT_CONFIG_PATHS
+    edits = draw(st.lists(st.tuples(st.sampled_from(paths), HF_CONFIG_VALUES), min_size=1, max_size=3))
+    for path, value in edits:
+        apply_edit(config, path, value)
+    shown = [(".".join(p), "<delete>" if v is DELETE else v) for p, v in edits]
+    return Blob(f"config.json with {shown}", json.dumps(config).encode())
+
+
+def model_source(kind: str) -> st.SearchStrategy[Part]:
+    """A model directory for `microgpt import` (a transformers GPT-2, or a microgpt safetensors export):
+    the good one, one with a damaged file, a missing file, or pytorch_model.bin in place of safetensors
+    (junk, a tensor dict, or a pickle that would run code)."""
+    def copy_with(files: dict[str, Blob | None], drop: str = "") -> Part:
+        kept = {n: Blob(n, d) for n, d in good_source_files(kind).items() if n != drop}
+        return Part(["src"], files={f"src/{n}": b for n, b in {**kept, **files}.items()})
+
+    pickles = st.sampled_from([
+        Blob("pickle of os.system", pickle.dumps(os.system)),
+        Blob("torch.save of a tensor dict", torch_bytes({"wte.weight": torch.zeros(3, 8)})),
+        Blob("torch.save of a list", torch_bytes([1, 2])),
+        Blob("random bytes", b"\x80\x04junk"),
+    ])
+    return mostly(
+        st.just(Part([Ref(kind)])),
+        weights_blob(kind).map(lambda b: copy_with({"model.safetensors": b})),
+        weights_blob(kind).map(lambda b: copy_with({"model.safetensors": b})),
+        config_json_blob(kind).map(lambda b: copy_with({"config.json": b})),
+        config_json_blob(kind).map(lambda b: copy_with({"config.json": b})),
+        st.sampled_from(["config.json", "model.safetensors"]).map(lambda n: copy_with({}, drop=n)),
+        pickles.map(lambda b: copy_with({"pytorch_model.bin": b}, drop="model.safetensors")),
+        odd_path("src"),
+    )
+
+
+def import_cases() -> st.SearchStrategy[tuple[str, Part]]:
+    return fuzzed("import", {
+        "source": (st.sampled_from([Part([Ref("hf")]), Part([Ref("export")])]),
+                   st.sampled_from(["hf", "export"]).flatmap(model_source)),
+        "out": (opt("--out", st.just(Part(["model.pt"], outputs=("model.pt",)))),
+                maybe(opt("--out", output_path("model.pt")))),
         "force": flag("--force"),
     })
 
@@ -1016,7 +1152,8 @@ def regressions(test: str) -> Callable[[Callable[..., None]], Callable[..., None
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The inputs every case may read and none may change: a char data dir, a tiny char
-    checkpoint, a tiny gpt2-tokenizer checkpoint, a trained run dir and a text file."""
+    checkpoint, a tiny gpt2-tokenizer checkpoint, a trained run dir, a text file, a tiny
+    transformers GPT-2 directory and a safetensors export of the char checkpoint."""
     root = tmp_path_factory.mktemp("fuzz-shared")
     with pytest.MonkeyPatch.context() as env:
         for var in ("MICROGPT_DATA", "MICROGPT_OUT", "MICROGPT_DEVICE"):
@@ -1031,6 +1168,10 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         gpt2 = named("gpt2")
         checkpoint.save(root / "gpt2-model.pt", Checkpoint.of(tiny_model(gpt2.vocab_size, n_layer=1, n_embed=8), gpt2))
         (root / "text.txt").write_text(TINY_TEXT[:200], encoding="utf-8")
+        for kind in ("hf", "export"):
+            (root / kind).mkdir()
+            for name, data in good_source_files(kind).items():
+                (root / kind / name).write_bytes(data)
         result = run_main(["train", "--data", str(root / "data"), "--out", str(root / "run"), *TINY_TRAIN,
                            "--max-steps", "2", "--log-interval", "1"])
         assert result.code == 0 and not result.crash, result.err + result.crash
@@ -1104,4 +1245,10 @@ def test_plot(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Pat
 @given(case=export_cases())
 @regressions("export")
 def test_export(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
+    fuzz(case, shared, workspaces)
+
+
+@examples(60)
+@given(case=import_cases())
+def test_import(case: tuple[str, Part], shared: Path, workspaces: Callable[[], Path]) -> None:
     fuzz(case, shared, workspaces)

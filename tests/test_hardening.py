@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,6 +170,33 @@ def test_flipped_bytes_in_a_checkpoint_are_refused(make_checkpoint, tmp_path: Pa
         assert_one_error_line(code, err, "flipped.pt", "corrupted")
         assert out == ""
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("pickle_bytes", [
+    b"\x80\x02junk",  # struct.error inside the restricted unpickler
+    b"j\x01\x02",  # KeyError
+    b"\x80\x02]q\x00(K\x01e\x85R.",  # IndexError
+])
+def test_a_zip_with_valid_checksums_around_junk_pickle_is_refused(pickle_bytes: bytes, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Crafted, not damaged: the zip checks pass, so the junk reaches torch's weights_only unpickler,
+    which fails in ways other than UnpicklingError."""
+    crafted = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(crafted, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle_bytes)
+        archive.writestr("archive/version", "3\n")
+        archive.writestr("archive/byteorder", "little")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257, "n_layer": 1, "n_head": 2,
+                                                "n_embd": 8, "n_positions": 16}))
+    (hf / "pytorch_model.bin").write_bytes(crafted.read_bytes())
+    for command, name in ((["info", crafted], "crafted.pt"), (["generate", "-c", crafted], "crafted.pt"),
+                          (["import", hf, "--out", tmp_path / "x.pt"], "pytorch_model.bin")):
+        code, out, err = run_cli(capsys, *command)
+        assert_one_error_line(code, err, name, "corrupted")
+        assert out == ""
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_info_shows_dashes_before_the_first_evaluation(tmp_path: Path, char_tokenizer,

@@ -54,9 +54,10 @@ def test_microgpt_exports_import_back(format: str, make_checkpoint, tmp_path: Pa
     else:
         start = make_checkpoint(position="rope", tie_weights=False)
     export(start, tmp_path / "exported", format)
-    import_model(str(tmp_path / "exported"), tmp_path / "back.pt")
+    run = microgpt("import", tmp_path / "exported", "--out", tmp_path / "back.pt")
     a, b = checkpoint.load(start), checkpoint.load(tmp_path / "back.pt")
     assert a.model_config == b.model_config and a.tokenizer == b.tokenizer
+    assert f"{a.tokenizer_object().name} tokenizer" in run.stderr  # the export's own, not always GPT-2's
     assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
 
 
