@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import string
 import subprocess
 import sys
 import threading
@@ -18,6 +19,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 
 from microgpt_cli import checkpoint
 from microgpt_cli.sampling import generate_text
@@ -45,10 +48,18 @@ class Served:
             k: v for k, v in os.environ.items() if k != "MICROGPT_API_KEY"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "microgpt_cli", "serve", "-c", str(ckpt), "--port", str(self.port),
-             "--device", "cpu", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             "--device", "cpu", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        # The log is read as it comes: a full pipe would block the server's next log line, and with it
+        # every request (the fuzz test sends hundreds).
+        self.log: list[str] = []
+        assert self.proc.stderr is not None
+        self.reader = threading.Thread(target=self.log.extend, args=(self.proc.stderr,), daemon=True)
+        self.reader.start()
         deadline = time.monotonic() + 60
         while True:
-            assert self.proc.poll() is None, self.proc.communicate()[1]
+            if self.proc.poll() is not None:
+                self.reader.join(5)
+                pytest.fail("".join(self.log))
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     break
@@ -58,14 +69,16 @@ class Served:
             time.sleep(0.2)
 
     def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
+        """Signal the server and wait for it: its exit status and everything it logged."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            _, err = self.proc.communicate(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+            self.proc.wait()
+        self.reader.join(10)
+        return self.proc.returncode, "".join(self.log)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +192,84 @@ def test_bad_requests_get_openai_error_objects(server: Served) -> None:
     assert httpx.get(server.url + "/v1/models").status_code == 401
     bad_chat = httpx.post(server.url + "/v1/chat/completions", json={"messages": []}, headers=auth)
     assert bad_chat.status_code == 400 and bad_chat.json()["error"]["param"] == "messages"
+
+
+JUNK = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=5)
+TEXT = st.text(string.ascii_letters + " ,.;:!?'\n", max_size=20)  # characters the test model knows
+
+
+# Each field: (valid values, odd ones: out of range, wrong type, junk).
+Field = tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]
+SAMPLING: dict[str, Field] = {
+    "model": (st.text(max_size=10), JUNK),
+    "max_tokens": (st.integers(0, 40), st.sampled_from([-1, 500, 501, 2**63, 10**30]) | JUNK),
+    "max_completion_tokens": (st.integers(0, 40), st.just(-1) | JUNK),
+    "temperature": (st.floats(0, 2), st.sampled_from([-1.0, 101.0, float("nan"), float("inf"), 1e-300]) | JUNK),
+    "top_p": (st.floats(0.01, 1), st.sampled_from([0.0, 1.5, float("nan"), 1e-300]) | JUNK),
+    "top_k": (st.integers(1, 100), st.sampled_from([0, -1, 2**63, 10**30]) | JUNK),
+    "n": (st.integers(1, 4), st.sampled_from([-1, 0, 5, 6]) | JUNK),
+    "stop": (TEXT | st.lists(TEXT, max_size=4), st.lists(TEXT, min_size=5, max_size=6) | JUNK),
+    "seed": (st.integers(0, 2**32), st.sampled_from([-1, 2**64]) | JUNK),
+    "stream": (st.booleans(), JUNK),
+    "stream_options": (st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}), JUNK),
+}
+ROLES = st.sampled_from(["system", "user", "assistant", "developer", "tool"])
+MESSAGES = (st.lists(st.fixed_dictionaries({"role": ROLES, "content": TEXT}), min_size=1, max_size=3),
+            st.lists(st.fixed_dictionaries({}, optional={"role": ROLES | st.just("robot") | JUNK,
+                                                         "content": TEXT | st.text(max_size=20) | JUNK}), max_size=3)
+            | JUNK)
+ENDPOINTS: dict[str, dict[str, Field]] = {
+    "/v1/completions": {"prompt": (TEXT | st.lists(TEXT, max_size=3), st.text(max_size=20) | JUNK)},
+    "/v1/chat/completions": {"messages": MESSAGES},
+}
+
+
+@st.composite
+def api_requests(draw: st.DrawFn) -> tuple[str, Any]:
+    """An endpoint and a JSON body: a valid one, one with a few odd fields among valid ones (so that
+    each check is reached), or something else entirely."""
+    path = draw(st.sampled_from(sorted(ENDPOINTS)))
+    fields = {**SAMPLING, **ENDPOINTS[path]}
+    body: Any = draw(st.fixed_dictionaries({k: valid for k, (valid, _) in ENDPOINTS[path].items()},
+                                           optional={k: valid for k, (valid, _) in SAMPLING.items()}))
+    kind = draw(st.sampled_from(["valid", "odd fields", "odd fields", "odd body"]))
+    if kind == "odd fields":
+        for name in draw(st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=2, unique=True)):
+            body[name] = draw(fields[name][1])
+        for name in draw(st.lists(st.sampled_from(sorted(body)), max_size=1)):
+            del body[name]
+    elif kind == "odd body":
+        body = draw(JUNK)
+    return path, body
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(request=api_requests())
+def test_fuzzed_requests_get_a_completion_or_an_error_object(server: Served, request: tuple[str, Any]) -> None:
+    """Whatever a client sends: a 200 with a well-formed completion (or event stream), or a 4xx with an
+    OpenAI error object; never a 5xx, a hang or a traceback in the log (the server fixture checks that)."""
+    path, body = request
+    content = json.dumps(body).encode()  # NaN and Infinity as Python's json writes them: what a sloppy client sends
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    with httpx.stream("POST", server.url + path, content=content, headers=headers, timeout=60) as response:
+        raw = response.read().decode()
+    note(f"{response.status_code}: {raw[:500]}")
+    if response.status_code != 200:
+        assert 400 <= response.status_code < 500
+        error = json.loads(raw)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        return
+    if raw.startswith("data: "):
+        events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+        assert chunks and all("choices" in chunk or "error" in chunk for chunk in chunks)
+    else:
+        answer = json.loads(raw)
+        assert answer["choices"] and answer["usage"]["completion_tokens"] >= 0
 
 
 def stream_events(server: Served, body: dict, events: list, stop_after: int | None = None) -> None:
