@@ -1,6 +1,6 @@
 """Fine-tuning from a checkpoint (`microgpt train --init-from`): its memory, and what `--preset finetune` gives.
 
-    python benchmarks/finetune.py                  # both parts, about 40 minutes on 2 CPU cores
+    python benchmarks/finetune.py                  # both parts, about 30 minutes on 2 CPU cores
     python benchmarks/finetune.py --part memory    # about 2 minutes
 
 memory: a randomly initialized GPT-2 124M (built with transformers and saved locally, so no network is
