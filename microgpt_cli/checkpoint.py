@@ -169,7 +169,8 @@ class Checkpoint:
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics):
                 raise ValueError("metrics must be numbers")
             init_from = state.get("init_from", {})
-            if init_from and (set(init_from) != {"path", "sha256"} or not all(map(_is_str, init_from.values()))):
+            all_strings = all(isinstance(v, str) for v in init_from.values())
+            if init_from and (set(init_from) != {"path", "sha256"} or not all_strings):
                 raise ValueError("init_from must hold the path and sha256 of a checkpoint")
             inputs = state.get("data", {}).get("inputs", [])
             if not isinstance(inputs, list) or not all(isinstance(i, (str, type(None))) for i in inputs):
@@ -212,10 +213,6 @@ def _check_plain(value: object, name: str, kind: type = object) -> None:
             _check_plain(item, name)
     elif not isinstance(value, _PLAIN):
         raise ValueError(f"{name} holds a {type(value).__name__}, not a plain value")
-
-
-def _is_str(value: object) -> bool:
-    return isinstance(value, str)
 
 
 def _number(value: object, kind: type[int] | type[float]) -> Any:

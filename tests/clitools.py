@@ -1,5 +1,5 @@
-"""What the end-to-end tests share: the packaged corpus, and the real `microgpt` command run in a
-subprocess."""
+"""What the end-to-end tests share: the packaged corpus, the real `microgpt` command run in a
+subprocess, local GPT-2 models, and the JSON junk the fuzz tests send."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 from microgpt_cli.dataprep import sample_path
 
@@ -80,3 +81,11 @@ def assert_one_error_line(code: int, err: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def json_junk() -> st.SearchStrategy[Any]:
+    """Any JSON value: scalars (huge and odd numbers among them) in lists and objects a few levels deep."""
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.sampled_from([0, -1, 2**16, 2**32, 2**64, 10**12]),
+                        st.floats(), st.text(max_size=6))
+    return st.recursive(
+        scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=6)

@@ -47,6 +47,7 @@ from microgpt_cli.dataset import data_fingerprint
 from microgpt_cli.optim import build_optimizers
 from microgpt_cli.tokenizer import Tokenizer, train_char
 
+from clitools import json_junk
 from conftest import TINY_TEXT, tiny_model, write_data_dir
 
 # The bugs this test found are fixed; each one's repro runs as a fixed example of its test (see
@@ -238,13 +239,6 @@ def text_blob(max_size: int = 300) -> st.SearchStrategy[Blob]:
         st.binary(max_size=max_size).map(lambda b: Blob(f"bytes {b[:20]!r}", b)),
         st.sampled_from(odd).map(lambda b: Blob(f"odd {b[:20]!r}", b)),
     )
-
-
-def json_junk() -> st.SearchStrategy[Any]:
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.sampled_from([0, -1, 2**16, 2**32, 2**64, 10**12]),
-                        st.floats(), st.text(max_size=6))
-    return st.recursive(
-        scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=6)
 
 
 DELETE = object()  # an edit that removes the key

@@ -26,7 +26,7 @@ from microgpt_cli import checkpoint
 from microgpt_cli.sampling import generate_text
 from microgpt_cli.tokenizer import train_char
 
-from clitools import SHAKESPEARE
+from clitools import SHAKESPEARE, json_junk
 from conftest import tiny_model
 
 KEY = "test-key-123"
@@ -194,9 +194,7 @@ def test_bad_requests_get_openai_error_objects(server: Served) -> None:
     assert bad_chat.status_code == 400 and bad_chat.json()["error"]["param"] == "messages"
 
 
-JUNK = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                    max_leaves=5)
+JUNK = json_junk()
 TEXT = st.text(string.ascii_letters + " ,.;:!?'\n", max_size=20)  # characters the test model knows
 
 
