@@ -579,11 +579,12 @@ def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
 def plot(
     run_dirs: Annotated[
         list[Path], typer.Argument(help="Run dirs (from train) to draw on one chart.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("runs.png"),
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="File to write: .png, .svg or .pdf (the format follows the suffix).")] = Path("runs.png"),
     x: Annotated[XAxis, typer.Option(
         "--x", help=f"Horizontal axis: {', '.join(f'{k} ({v})' for k, v in X_AXES.items())}.")] = "step",
 ) -> None:
-    """Draw the loss curves of one or more runs into a PNG: val loss solid, train loss faint."""
+    """Draw the loss curves of one or more runs into a PNG, SVG or PDF: val loss solid, train loss faint."""
     from microgpt_cli.plot import save_runs_plot
 
     path = save_runs_plot(run_dirs, out, x)
@@ -621,7 +622,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         _error_line(exc.label, str(exc))
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # bad option or value, caught by the parser
-        _error_line("error", f"{exc.format_message()} (see --help)")
+        # Typer checks values with pydantic, whose messages start "Value error, ": noise to a user.
+        _error_line("error", f"{exc.format_message().replace('Value error, ', '')} (see --help)")
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
         _error_line("stopped", "interrupted", "yellow")

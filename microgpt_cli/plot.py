@@ -102,11 +102,14 @@ def _figure(**kwargs: object) -> Figure:
     return Figure(**kwargs)  # type: ignore[arg-type]
 
 
+PLOT_FORMATS = ("png", "svg", "pdf")  # what `plot --out` may end in; the format follows the suffix
+
+
 def _save(fig: Figure, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:].lower()))
     return path
 
 
@@ -161,10 +164,12 @@ def _check_runs_request(run_dirs: Sequence[str | Path], x_axis: str) -> None:
 
 
 def save_runs_plot(run_dirs: Sequence[str | Path], out: str | Path, x_axis: str = "step") -> Path:
-    """Write one chart comparing runs to the PNG file `out` (see runs_figure)."""
+    """Write one chart comparing runs to `out`, a PNG, SVG or PDF file by its suffix (see runs_figure)."""
     _check_runs_request(run_dirs, x_axis)  # a bad request fails before a bad --out, as it always has
     if Path(out).is_dir():
         raise MicroGPTError(f"--out {out} is a directory; name the PNG file to write, such as {Path(out) / 'runs.png'}")
+    if Path(out).suffix[1:].lower() not in PLOT_FORMATS:
+        raise MicroGPTError(f"--out {out}: name a .png, .svg or .pdf file (the format follows the suffix)")
     return _save(runs_figure(run_dirs, x_axis), Path(out))
 
 

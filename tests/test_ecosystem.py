@@ -26,7 +26,7 @@ from microgpt_cli.plot import save_loss_plot
 from microgpt_cli.sampling import generate_text
 from microgpt_cli.tokenizer import from_spec
 
-from clitools import microgpt, run_cli
+from clitools import assert_one_error_line, microgpt, run_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 REFERENCE_START, REFERENCE_END = "<!-- reference:start -->", "<!-- reference:end -->"
@@ -206,6 +206,18 @@ def test_plot_command_draws_several_runs(run_dir: Path, tmp_path: Path, capsys: 
     assert_png(tmp_path / "time.png")
     code, _, err = run_cli(capsys, "plot", run_dir, tmp_path, "-o", tmp_path / "x.png")
     assert code == 1 and "has no metrics.jsonl" in err and not (tmp_path / "x.png").exists()
+
+
+def test_plot_format_follows_the_suffix(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, magic in (("runs.svg", b"<?xml"), ("runs.PDF", b"%PDF-"), ("runs.png", PNG_MAGIC)):
+        code, _, err = run_cli(capsys, "plot", run_dir, "--out", tmp_path / name)
+        assert code == 0, err
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    (tmp_path / "notes.txt").write_text("kept")
+    for name in ("notes.txt", "runs"):  # a PNG under another name would be a surprise: refused, nothing written
+        code, _, err = run_cli(capsys, "plot", run_dir, "--out", tmp_path / name)
+        assert_one_error_line(code, err, "name a .png, .svg or .pdf file")
+    assert (tmp_path / "notes.txt").read_text() == "kept" and not (tmp_path / "runs").exists()
 
 
 # --- export ----------------------------------------------------------------------------------
