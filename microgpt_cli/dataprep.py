@@ -23,7 +23,7 @@ import numpy as np
 
 from microgpt_cli import tokenizer as tok_lib
 from microgpt_cli.dataset import META_FILE, META_VERSION, SPLITS
-from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.errors import MicroGPTError, describe_os_error
 from microgpt_cli.files import atomic_dir, write_synced
 
 # --- prepare ---------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def prepare(
             write_synced(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
             (tmp / ".stdin").unlink(missing_ok=True)  # the spooled stdin is not part of the dataset
     except OSError as exc:  # unreadable input, unwritable output dir, a full disk: the user can fix these
-        raise MicroGPTError(f"cannot prepare {out}: {exc}") from exc
+        raise MicroGPTError(f"cannot prepare {out}: {describe_os_error(exc)}") from exc
     return meta
 
 

@@ -62,11 +62,16 @@ def export(checkpoint_path: str | Path, out: str | Path, format: str = "hf", for
     state.build_model()  # the weights fit the config they are exported with, or a clear error
     if format == "hf":
         check_gpt2_compatible(state.model_config)
-    with atomic_dir(out, force=True) as tmp:
-        if format == "hf":
-            _write_hf(tmp, state)
-        else:
-            _write_safetensors(tmp, state)
+    from safetensors import SafetensorError
+
+    try:
+        with atomic_dir(out, force=True) as tmp:
+            if format == "hf":
+                _write_hf(tmp, state)
+            else:
+                _write_safetensors(tmp, state)
+    except SafetensorError as exc:  # its I/O errors (a full disk, say) are not OSErrors
+        raise MicroGPTError(f"cannot write {out / WEIGHTS_FILE}: {exc}") from exc
     return out
 
 
@@ -90,9 +95,13 @@ def check_gpt2_compatible(config: ModelConfig) -> None:
         )
 
 
-def _write_hf(directory: Path, state: Checkpoint) -> None:
+def _save_weights(tensors: dict[str, torch.Tensor], directory: Path) -> None:
     from safetensors.torch import save_file
 
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+def _write_hf(directory: Path, state: Checkpoint) -> None:
     from microgpt_cli.model import block_param
 
     config, weights = state.model_config, state.model
@@ -107,7 +116,7 @@ def _write_hf(directory: Path, state: Checkpoint) -> None:
     tensors["transformer.ln_f.bias"] = weights["norm.bias"]
     if not config.tie_weights:  # a tied head is rebuilt from wte by transformers
         tensors["lm_head.weight"] = weights["head.weight"][:real]
-    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    _save_weights(tensors, directory)
 
     from microgpt_cli.tokenizer import GPT2_END_OF_TEXT
 
@@ -159,14 +168,12 @@ def _write_gpt2_tokenizer(directory: Path, context: int) -> None:
 
 
 def _write_safetensors(directory: Path, state: Checkpoint) -> None:
-    from safetensors.torch import save_file
-
     from microgpt_cli.checkpoint import FORMAT_VERSION
 
     weights = dict(state.model)
     if state.model_config.tie_weights:
         del weights["head.weight"]  # safetensors refuses shared tensors; the loader re-ties it
-    save_file({k: v.contiguous() for k, v in weights.items()}, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    _save_weights(weights, directory)
     _write_json(directory / CONFIG_FILE, {
         "format": "microgpt", "version": FORMAT_VERSION,
         "model_config": asdict(state.model_config), "tokenizer": state.tokenizer,

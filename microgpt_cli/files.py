@@ -42,9 +42,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         remove_empty(created)
+        # A failed write to the open file names no file, and torch.save reports a full disk as a
+        # RuntimeError raised while the OSError unwinds: say which file could not be written.
+        failed = exc if isinstance(exc, OSError) else exc.__context__ if isinstance(exc, RuntimeError) else None
+        if isinstance(failed, OSError) and failed.filename is None:
+            raise OSError(failed.errno, failed.strerror, str(path)) from exc
         raise
     fsync_dir(path.parent)  # make the rename itself durable
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -15,6 +16,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ import torch
 
 from microgpt_cli import checkpoint
 
-from clitools import assert_one_error_line, microgpt, run_cli
+from clitools import assert_clean_error, assert_one_error_line, microgpt, run_cli
 from conftest import TINY_TEXT
 
 TINY = ["--n-layer", "1", "--n-embed", "32", "--n-head", "2", "--context", "16", "--batch-size", "4",
@@ -335,6 +337,41 @@ def test_stale_temp_files_are_cleaned_on_the_next_start(small_run: Path, data_di
     code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", small_run, "--resume", "--max-steps", "15")
     assert code == 0, err
     assert not stale.exists() and not [p for p in small_run.iterdir() if p.name.startswith(".")]
+
+
+def files_capped_at(limit: int) -> None:
+    """preexec_fn: files this process writes cannot grow past `limit` bytes, and a write that would
+    fails with EFBIG (SIGXFSZ ignored): the same failure mid-write as a full disk, without root."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def capped_microgpt(limit: int, *args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "microgpt_cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=partial(files_capped_at, limit))
+
+
+def test_a_write_that_fails_midway_is_one_line_and_loses_nothing(data_dir: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # torch.save reports a failed write of a tensor as a RuntimeError raised while the OSError unwinds,
+    # and safetensors as its own error type: both were tracebacks. Matrices of 64 KB and more are
+    # written past Python's buffer, inside torch, as a real model's are.
+    small_run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", small_run, *TINY, "--n-embed", "128",
+                           "--max-steps", "10", "--eval-interval", "10")
+    assert code == 0, err
+    before = files_of(small_run)
+    # Room for best.pt (the weights), not for last.pt (weights and optimizer state): its write fails inside torch.
+    limit = (len(before["best.pt"]) + len(before["last.pt"])) // 2
+    result = capped_microgpt(limit, "train", "--data", data_dir, "--out", small_run, "--resume", "--max-steps", "20")
+    assert_clean_error(result, "File too large:", str(small_run / "last.pt"))
+    assert files_of(small_run)["last.pt"] == before["last.pt"]  # the last save stays whole: --resume works
+    assert checkpoint.load(small_run / "best.pt").step == 20  # the save before the failed one is complete
+    assert not [p for p in small_run.iterdir() if p.name.endswith(".tmp")]
+    for format in ("safetensors", "hf"):
+        result = capped_microgpt(20_000, "export", "-c", small_run, "--format", format, "--out", tmp_path / format)
+        assert_one_error_line(result.returncode, result.stderr, f"cannot write {tmp_path / format}/model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", "run"])  # no export, no temp dir
 
 
 def test_run_files_follow_the_umask(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
