@@ -551,8 +551,13 @@ class Trainer:
         run = self.run
         over = torch.tensor([float(self.clock.over())], device=run.device)
         over_everywhere = distributed.sum_across(run.world, over).item() > 0  # every process decides alike
-        if run.step >= run.total_steps or over_everywhere:
+        if run.step >= run.total_steps:
             return self._end("nothing to do")
+        if over_everywhere:
+            raise MicroGPTError(
+                f"--time-budget {run.cfg.time_budget:g} s ran out before the first step: start-up took "
+                f"{self.clock.elapsed():.1f} s, and {self.clock.reserve():.1f} s are kept for the final "
+                f"evaluation and saves; give a larger --time-budget")
         self.files.start(run)
         with stop_requests() as signals:  # from the start line on, Ctrl-C ends the run with a save
             self.emit(self._started())

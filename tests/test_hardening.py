@@ -297,6 +297,17 @@ def test_force_then_kill_9_before_the_first_save_keeps_the_old_run(small_run: Pa
     assert {k: v for k, v in files_of(small_run).items() if k != ".lock"} == old
 
 
+def test_a_time_budget_too_short_for_one_step_is_an_error(small_run: Path, data_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # It used to exit 0 saying "the run in out is at step 0", of a run that did not exist.
+    before = files_of(small_run)
+    for out, flag in ((small_run.parent / "new", "--lr=1e-3"), (small_run, "--force"), (small_run, "--resume")):
+        code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", out, *TINY, flag, "--max-steps=20",
+                               "--time-budget", "0.5")
+        assert_one_error_line(code, err, "--time-budget 0.5 s ran out before the first step", "larger --time-budget")
+    assert not (small_run.parent / "new").exists() and files_of(small_run) == before
+
+
 def test_resume_changes_the_stopping_point_and_lists_changes(small_run: Path, data_dir: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     before = files_of(small_run)
