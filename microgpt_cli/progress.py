@@ -280,8 +280,8 @@ class TrainDisplay:
         if summary.reason == "nothing to do":
             self.console.print(
                 f"nothing to train: the run in {escape(str(Path(summary.last).parent))} is at step {summary.steps:,}, "
-                f"which its stopping point ({summary.total_steps:,} steps, or its time budget) allows no further; "
-                f"raise --max-steps, --epochs or --time-budget to train on", highlight=False, soft_wrap=True)
+                f"which its stopping point ({summary.total_steps:,} steps) allows no further; "
+                f"raise --max-steps or --epochs to train on", highlight=False, soft_wrap=True)
             return
         warmup = "after warm-up" if summary.warmup_excluded else "warm-up included"
         speed = f"{summary.tokens_per_sec:,.0f}"
