@@ -331,8 +331,11 @@ class RunFiles:
         if not self.owned:
             self._pending.append(metrics)
         elif self.active:
-            with self.metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics.to_dict()) + "\n")
+            try:
+                with self.metrics_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(metrics.to_dict()) + "\n")
+            except OSError as exc:  # a full disk: a write error names no file; the readers skip a cut line
+                raise OSError(exc.errno, exc.strerror, str(self.metrics_path)) from exc
 
     def plot(self) -> None:
         """Redraw loss.png; a plot that cannot be written is not worth stopping a run for."""

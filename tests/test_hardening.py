@@ -379,6 +379,12 @@ def test_a_write_that_fails_midway_is_one_line_and_loses_nothing(data_dir: Path,
     assert files_of(small_run)["last.pt"] == before["last.pt"]  # the last save stays whole: --resume works
     assert checkpoint.load(small_run / "best.pt").step == 20  # the save before the failed one is complete
     assert not [p for p in small_run.iterdir() if p.name.endswith(".tmp")]
+    # Room for config.toml, not for the metrics.jsonl lines of every step from 11 on (resuming cuts
+    # the file back to step 10's lines); the next save, at step 20, is never reached.
+    limit = max(len(before[name]) for name in ("config.toml", "metrics.jsonl")) + 30
+    result = capped_microgpt(limit, "train", "--data", data_dir, "--out", small_run, "--resume", "--max-steps", "20",
+                             "--log-interval", "1")
+    assert_clean_error(result, "File too large:", str(small_run / "metrics.jsonl"))
     for format in ("safetensors", "hf"):
         result = capped_microgpt(20_000, "export", "-c", small_run, "--format", format, "--out", tmp_path / format)
         assert_one_error_line(result.returncode, result.stderr, f"cannot write {tmp_path / format}/model.safetensors")
