@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from microgpt_cli.config import ModelConfig, TrainConfig
+from microgpt_cli.dataset import META_FILE
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.files import atomic_write
 from microgpt_cli.model import GPT, count_params
@@ -238,6 +239,9 @@ def resolve_path(path: str | Path) -> Path:
         for name in RUN_FILES:
             if (path / name).is_file():
                 return path / name
+        if (path / META_FILE).is_file():
+            raise MicroGPTError(f"{path} is a data dir (from `microgpt prepare`), not a training run; pass a run dir "
+                                f"or a .pt file from `microgpt train`")
         raise MicroGPTError(f"no checkpoint in {path} (expected best.pt or last.pt); train one with `microgpt train`")
     if not path.exists():
         raise MicroGPTError(f"checkpoint {path} does not exist; train one with `microgpt train` or pass --checkpoint")

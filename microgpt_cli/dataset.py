@@ -32,6 +32,9 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     if not data_dir.is_dir():
         raise MicroGPTError(f"data dir {data_dir} does not exist; run `microgpt prepare INPUT --out {data_dir}` first")
     missing = [name for name in (META_FILE, "train.bin", "val.bin") if not (data_dir / name).is_file()]
+    if len(missing) == 3 and any(data_dir.glob("*.pt")):
+        raise MicroGPTError(f"{data_dir} holds checkpoints, not prepared data (a `microgpt train` run dir?); "
+                            f"pass the data dir that `microgpt prepare` made")
     if missing:
         raise MicroGPTError(
             f"data dir {data_dir} is incomplete (missing {', '.join(missing)}); run `microgpt prepare` again")

@@ -297,6 +297,19 @@ def test_force_then_kill_9_before_the_first_save_keeps_the_old_run(small_run: Pa
     assert {k: v for k, v in files_of(small_run).items() if k != ".lock"} == old
 
 
+def test_a_run_dir_and_a_data_dir_swapped_are_named_as_such(small_run: Path, data_dir: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["generate", "-c", data_dir], ["eval", "-c", data_dir, "--data", data_dir],
+                 ["train", "--init-from", data_dir, "--data", data_dir, "--out", tmp_path / "new"]):
+        code, _, err = run_cli(capsys, *args)
+        assert_one_error_line(code, err, f"{data_dir} is a data dir (from `microgpt prepare`), not a training run")
+    for args in (["eval", "-c", small_run, "--data", small_run],
+                 ["train", "--data", small_run, "--out", tmp_path / "new"]):
+        code, _, err = run_cli(capsys, *args)
+        assert_one_error_line(code, err, f"{small_run} holds checkpoints, not prepared data")
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_time_budget_too_short_for_one_step_is_an_error(small_run: Path, data_dir: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     # It used to exit 0 saying "the run in out is at step 0", of a run that did not exist.
