@@ -390,7 +390,7 @@ def test_a_write_that_fails_midway_is_one_line_and_loses_nothing(data_dir: Path,
     result = capped_microgpt(limit, "train", "--data", data_dir, "--out", small_run, "--resume", "--max-steps", "20")
     assert_clean_error(result, "File too large:", str(small_run / "last.pt"))
     assert files_of(small_run)["last.pt"] == before["last.pt"]  # the last save stays whole: --resume works
-    assert checkpoint.load(small_run / "best.pt").step == 20  # the save before the failed one is complete
+    assert checkpoint.load(small_run / "best.pt").step == 20  # written just before last.pt failed, and whole
     assert not [p for p in small_run.iterdir() if p.name.endswith(".tmp")]
     # Room for config.toml, not for the metrics.jsonl lines of every step from 11 on (resuming cuts
     # the file back to step 10's lines); the next save, at step 20, is never reached.
