@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import stat
@@ -16,7 +15,6 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -363,16 +361,17 @@ def test_stale_temp_files_are_cleaned_on_the_next_start(small_run: Path, data_di
     assert not stale.exists() and not [p for p in small_run.iterdir() if p.name.startswith(".")]
 
 
-def files_capped_at(limit: int) -> None:
-    """preexec_fn: files this process writes cannot grow past `limit` bytes, and a write that would
-    fails with EFBIG (SIGXFSZ ignored): the same failure mid-write as a full disk, without root."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+# `python -m microgpt_cli` whose files cannot grow past a limit (the first argument): a write past it
+# fails with EFBIG (SIGXFSZ ignored), the same failure midway as a full disk, without root.
+CAPPED = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+          "hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]; "
+          "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv.pop(1)), hard)); "
+          "runpy.run_module('microgpt_cli', run_name='__main__', alter_sys=True)")
 
 
 def capped_microgpt(limit: int, *args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "microgpt_cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, preexec_fn=partial(files_capped_at, limit))
+    return subprocess.run([sys.executable, "-c", CAPPED, str(limit), *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_a_write_that_fails_midway_is_one_line_and_loses_nothing(data_dir: Path, tmp_path: Path,
