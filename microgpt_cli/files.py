@@ -45,13 +45,28 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         remove_empty(created)
-        # A failed write to the open file names no file, and torch.save reports a full disk as a
-        # RuntimeError raised while the OSError unwinds: say which file could not be written.
-        failed = exc if isinstance(exc, OSError) else exc.__context__ if isinstance(exc, RuntimeError) else None
-        if isinstance(failed, OSError) and failed.filename is None:
-            raise OSError(failed.errno, failed.strerror, str(path)) from exc
+        # torch.save reports a full disk as a RuntimeError raised while the OSError unwinds.
+        _raise_naming(path, exc.__context__ if isinstance(exc, RuntimeError) else exc, exc)
         raise
     fsync_dir(path.parent)  # make the rename itself durable
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append `text` to the UTF-8 file `path`. A write cut short (a full disk) leaves a partial last
+    line, which the readers of such files skip."""
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        _raise_naming(path, exc, exc)
+        raise
+
+
+def _raise_naming(path: Path, failed: BaseException | None, exc: BaseException) -> None:
+    """A failed write to an open file names no file: if `failed` is such an OSError, raise one that
+    names `path` (from `exc`, what was caught); otherwise return."""
+    if isinstance(failed, OSError) and failed.filename is None:
+        raise OSError(failed.errno, failed.strerror, str(path)) from exc
 
 
 def fsync_dir(path: Path) -> None:

@@ -57,7 +57,7 @@ from microgpt_cli.events import (
     RunStarted,
     StepDone,
 )
-from microgpt_cli.files import atomic_write, dir_lock, file_sha256, remove_stale_temp_files
+from microgpt_cli.files import append_text, atomic_write, dir_lock, file_sha256, remove_stale_temp_files
 from microgpt_cli.model import GPT, count_params
 from microgpt_cli.optim import build_optimizers, lr_factor
 from microgpt_cli.plot import LOSS_PLOT, save_loss_plot
@@ -331,11 +331,7 @@ class RunFiles:
         if not self.owned:
             self._pending.append(metrics)
         elif self.active:
-            try:
-                with self.metrics_path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(metrics.to_dict()) + "\n")
-            except OSError as exc:  # a full disk: a write error names no file; the readers skip a cut line
-                raise OSError(exc.errno, exc.strerror, str(self.metrics_path)) from exc
+            append_text(self.metrics_path, json.dumps(metrics.to_dict()) + "\n")
 
     def plot(self) -> None:
         """Redraw loss.png; a plot that cannot be written is not worth stopping a run for."""
