@@ -19,8 +19,8 @@ import time
 import torch
 
 from microgpt_cli.config import ModelConfig
-from microgpt_cli.engine import Engine, make_generators, sample_next
-from microgpt_cli.model import GPT
+from microgpt_cli.infer.engine import Engine, make_generators, sample_next
+from microgpt_cli.model.gpt import GPT
 
 
 def decode(engine: Engine, prompt: list[int], batch: int, tokens: int) -> tuple[float, float]:

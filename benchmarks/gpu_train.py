@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from microgpt_cli.config import ModelConfig, TrainConfig, resolve
-from microgpt_cli.dataprep import prepare
+from microgpt_cli.data.dataprep import prepare
 from microgpt_cli.device import autocast, model_flops_utilization, peak_flops, synchronize
-from microgpt_cli.events import Event, Logged
-from microgpt_cli.model import GPT
-from microgpt_cli.training import train
+from microgpt_cli.model.gpt import GPT
+from microgpt_cli.training.events import Event, Logged
+from microgpt_cli.training.loop import train
 
 FULL = dict(n_layer=12, n_embed=768, n_head=12, context=1024, batch_size=32, grad_accum=4, steps=30, window=5)
 TINY = dict(n_layer=2, n_embed=64, n_head=2, context=64, batch_size=4, grad_accum=2, steps=12, window=3)

@@ -22,15 +22,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from microgpt_cli import tokenizer as tok_lib
-from microgpt_cli.dataprep import sample_path
+from microgpt_cli.data import tokenizer as tok_lib
+from microgpt_cli.data.dataprep import sample_path
 
 CORPUS = sample_path("tinyshakespeare")  # packaged with microgpt
 CHUNK = 1 << 20
 
 CHILD = """
 import json, resource, sys, time
-from microgpt_cli.dataprep import prepare
+from microgpt_cli.data.dataprep import prepare
 
 def rss_mb():
     for line in open("/proc/self/status"):

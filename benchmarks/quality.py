@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from microgpt_cli.dataprep import sample_path
+from microgpt_cli.data.dataprep import sample_path
 
 CORPUS = sample_path("tinyshakespeare")  # packaged with microgpt
 REFERENCE = ["--n-layer", "4", "--n-head", "4", "--n-embed", "128", "--context", "64", "--batch-size", "12",
@@ -62,7 +62,7 @@ def main() -> None:
 
 
 def _tokens_per_step(run: Path) -> int:
-    from microgpt_cli import checkpoint
+    from microgpt_cli.io import checkpoint
 
     state = checkpoint.load(run / "last.pt")
     t = state.train_config

@@ -26,10 +26,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from microgpt_cli import checkpoint
 from microgpt_cli.config import ModelConfig, resolve
-from microgpt_cli.model import GPT
-from microgpt_cli.tokenizer import train_char
+from microgpt_cli.data.tokenizer import train_char
+from microgpt_cli.io import checkpoint
+from microgpt_cli.model.gpt import GPT
 
 CORPUS = Path(__file__).resolve().parents[1] / "microgpt_cli" / "samples" / "tinyshakespeare.txt"
 REQUEST_SECONDS = 120.0

@@ -22,10 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from microgpt_cli.config import ModelConfig, TrainConfig, resolve
-from microgpt_cli.dataprep import prepare, sample_path
-from microgpt_cli.events import Event, Logged
-from microgpt_cli.model import GPT
-from microgpt_cli.training import train
+from microgpt_cli.data.dataprep import prepare, sample_path
+from microgpt_cli.model.gpt import GPT
+from microgpt_cli.training.events import Event, Logged
+from microgpt_cli.training.loop import train
 
 CORPUS = sample_path("tinyshakespeare")  # packaged with microgpt
 # The reference CPU recipe for character-level tinyshakespeare: 4 layers, 4 heads, 128 wide,

@@ -11,18 +11,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "prepare": "microgpt_cli.dataprep",
-    "train": "microgpt_cli.training",
-    "evaluate": "microgpt_cli.evaluation",
-    "load_checkpoint": "microgpt_cli.checkpoint",
-    "generate_text": "microgpt_cli.sampling",
-    "stream_text": "microgpt_cli.sampling",
-    "generate_texts": "microgpt_cli.sampling",
-    "load_sampler": "microgpt_cli.sampling",
-    "Sampler": "microgpt_cli.sampling",
+    "prepare": "microgpt_cli.data.dataprep",
+    "train": "microgpt_cli.training.loop",
+    "evaluate": "microgpt_cli.infer.evaluation",
+    "load_checkpoint": "microgpt_cli.io.checkpoint",
+    "generate_text": "microgpt_cli.infer.sampling",
+    "stream_text": "microgpt_cli.infer.sampling",
+    "generate_texts": "microgpt_cli.infer.sampling",
+    "load_sampler": "microgpt_cli.infer.sampling",
+    "Sampler": "microgpt_cli.infer.sampling",
     "ModelConfig": "microgpt_cli.config",
     "TrainConfig": "microgpt_cli.config",
-    "GPT": "microgpt_cli.model",
+    "GPT": "microgpt_cli.model.gpt",
     "MicroGPTError": "microgpt_cli.errors",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -30,7 +30,7 @@ from microgpt_cli.config import (
     default_of,
     setting_fields,
 )
-from microgpt_cli.dataprep import (
+from microgpt_cli.data.dataprep import (
     DEFAULT_BPE_VOCAB_SIZE,
     DEFAULT_TOKENIZER,
     DEFAULT_VAL_FRACTION,
@@ -38,7 +38,7 @@ from microgpt_cli.dataprep import (
     SampleName,
 )
 from microgpt_cli.errors import Interrupted, MicroGPTError, describe_os_error
-from microgpt_cli.export import ExportFormat
+from microgpt_cli.io.export import ExportFormat
 from microgpt_cli.plot import X_AXES, XAxis
 from microgpt_cli.progress import stderr
 
@@ -203,7 +203,7 @@ def prepare(
 
     from rich.table import Table
 
-    from microgpt_cli.dataprep import prepare as prepare_data
+    from microgpt_cli.data.dataprep import prepare as prepare_data
     from microgpt_cli.progress import Task
 
     def interrupt(signum: int, frame: object) -> None:
@@ -314,7 +314,7 @@ def train(
                if k not in ("ctx", "preset", "resume", "force", "config") and _given(ctx, k)}
     from microgpt_cli.config import resolve
     from microgpt_cli.progress import TrainDisplay
-    from microgpt_cli.training import train as run_training
+    from microgpt_cli.training.loop import train as run_training
 
     model_kwargs, train_kwargs = resolve(preset, options)
     given = set(model_kwargs) | set(train_kwargs)
@@ -360,7 +360,7 @@ def eval_command(
 
     from rich.console import Console
 
-    from microgpt_cli.evaluation import evaluate
+    from microgpt_cli.infer.evaluation import evaluate
     from microgpt_cli.progress import Task, eval_table
 
     started = time.monotonic()
@@ -406,10 +406,10 @@ def generate(
         prompt = None
     else:
         prompt_file = None
-    from microgpt_cli.checkpoint import resolve_path
-    from microgpt_cli.engine import MAX_SLOTS
-    from microgpt_cli.evaluation import read_text
-    from microgpt_cli.sampling import load_sampler
+    from microgpt_cli.infer.engine import MAX_SLOTS
+    from microgpt_cli.infer.evaluation import read_text
+    from microgpt_cli.infer.sampling import load_sampler
+    from microgpt_cli.io.checkpoint import resolve_path
 
     if not 1 <= num_samples <= MAX_SLOTS:
         raise MicroGPTError(f"--num-samples must be between 1 and {MAX_SLOTS:,}, got {num_samples:,}")
@@ -460,7 +460,7 @@ def import_command(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Import pretrained GPT-2 weights as a microgpt checkpoint, for info, eval, generate, serve and export."""
-    from microgpt_cli.pretrained import import_model
+    from microgpt_cli.io.pretrained import import_model
 
     path, model, tokenizer = import_model(source, out, force)
     c = model.config
@@ -489,8 +489,8 @@ def serve(
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve a checkpoint over HTTP: an OpenAI-compatible API under /v1 and a web playground at /."""
-    from microgpt_cli.engine import MAX_SLOTS
-    from microgpt_cli.server import serve as run_server
+    from microgpt_cli.infer.engine import MAX_SLOTS
+    from microgpt_cli.serve.server import serve as run_server
 
     if not 1 <= max_batch <= MAX_SLOTS:
         raise MicroGPTError(f"--max-batch must be between 1 and {MAX_SLOTS:,}, got {max_batch:,}")
@@ -601,7 +601,7 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is not empty.")] = False,
 ) -> None:
     """Export a checkpoint for other tools: Hugging Face transformers GPT-2, or plain safetensors."""
-    from microgpt_cli.export import export as export_model
+    from microgpt_cli.io.export import export as export_model
 
     path = export_model(checkpoint, out, format, force)
     stderr.print(f"exported {escape(str(checkpoint))} as {format} to {escape(str(path))}", highlight=False)

@@ -19,7 +19,7 @@ else:  # the same parser, before it joined the standard library
 
 from microgpt_cli import __version__
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.files import atomic_write
+from microgpt_cli.io.files import atomic_write
 
 Position = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]

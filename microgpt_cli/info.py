@@ -8,10 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from microgpt_cli import checkpoint
-from microgpt_cli.checkpoint import RUN_FILES
-from microgpt_cli.dataset import META_FILE, SPLITS, data_tokenizer, open_split, read_meta
+from microgpt_cli.data.dataset import META_FILE, SPLITS, data_tokenizer, open_split, read_meta
 from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.io import checkpoint
+from microgpt_cli.io.checkpoint import RUN_FILES
 
 
 def describe(path: str | Path) -> dict[str, Any]:

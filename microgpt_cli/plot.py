@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.events import METRICS_FILE
-from microgpt_cli.files import atomic_write
+from microgpt_cli.io.files import atomic_write
+from microgpt_cli.training.events import METRICS_FILE
 
 if TYPE_CHECKING:  # matplotlib takes ~0.5 s to import: only when a figure is drawn
     from matplotlib.figure import Figure

@@ -30,12 +30,12 @@ from rich.progress import (
 from rich.text import Text
 
 from microgpt_cli.config import CONFIG_FILE
-from microgpt_cli.events import EvalProgress, Evaluated, Event, Logged, Metrics, RunEnded, RunStarted, StepDone
+from microgpt_cli.training.events import EvalProgress, Evaluated, Event, Logged, Metrics, RunEnded, RunStarted, StepDone
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from microgpt_cli.evaluation import EvalResult
+    from microgpt_cli.infer.evaluation import EvalResult
 
 stderr = Console(stderr=True)
 

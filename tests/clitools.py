@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
-from microgpt_cli.dataprep import sample_path
+from microgpt_cli.data.dataprep import sample_path
 
 SHAKESPEARE = sample_path("tinyshakespeare")  # the corpus every test uses: shipped in the package
 GPT2_SHAPES = {

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from microgpt_cli import checkpoint
 from microgpt_cli.config import ModelConfig
-from microgpt_cli.dataprep import prepare
-from microgpt_cli.dataset import META_VERSION
-from microgpt_cli.model import GPT
-from microgpt_cli.tokenizer import Tokenizer, train_char
+from microgpt_cli.data.dataprep import prepare
+from microgpt_cli.data.dataset import META_VERSION
+from microgpt_cli.data.tokenizer import Tokenizer, train_char
+from microgpt_cli.io import checkpoint
+from microgpt_cli.model.gpt import GPT
 
 from clitools import SHAKESPEARE, microgpt
 

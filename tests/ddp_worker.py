@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from microgpt_cli import distributed
 from microgpt_cli.config import ModelConfig, TrainConfig
-from microgpt_cli.training import build_run, run_loop
+from microgpt_cli.training import distributed
+from microgpt_cli.training.loop import build_run, run_loop
 
 RECORDED_MICRO_BATCHES = 6  # 3 steps of 2 micro-batches
 

@@ -18,9 +18,9 @@ import pytest
 import tiktoken_ext.openai_public as openai_public
 
 from microgpt_cli import cli
-from microgpt_cli import tokenizer as T
-from microgpt_cli.dataprep import _read_chunks, prepare
-from microgpt_cli.dataset import data_fingerprint, open_split, read_meta
+from microgpt_cli.data import tokenizer as T
+from microgpt_cli.data.dataprep import _read_chunks, prepare
+from microgpt_cli.data.dataset import data_fingerprint, open_split, read_meta
 from microgpt_cli.errors import MicroGPTError
 
 from clitools import microgpt

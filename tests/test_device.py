@@ -10,7 +10,7 @@ import torch
 
 from microgpt_cli.config import PRESETS, ModelConfig, resolve
 from microgpt_cli.device import known_peak_flops, measured_peak_flops, model_flops_utilization, peak_flops
-from microgpt_cli.model import GPT
+from microgpt_cli.model.gpt import GPT
 
 
 @pytest.mark.parametrize(("name", "peak"), [

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from microgpt_cli.training import step_seed
+from microgpt_cli.training.loop import step_seed
 
 from clitools import microgpt
 
@@ -76,7 +76,7 @@ def assert_only_torchrun_traceback(stderr: str, exception: str) -> None:
 def assert_no_rank_hung(stderr: str) -> None:
     """A rank stopped by an exception must exit, not hang until torchrun kills it 30 s later. It used to, about
     1 run in 5 after SIGTERM: the exception's traceback kept the DDP wrapper alive past the process group's
-    destruction, and gloo's destructor deadlocked on the GIL at exit (training.train now drops the wrapper first)."""
+    destruction, and gloo's destructor deadlocked on the GIL at exit (training.loop.train now drops the wrapper first)."""
     assert RANK_HUNG not in stderr, stderr
 
 

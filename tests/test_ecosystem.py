@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 import torch
 
-from microgpt_cli import checkpoint
 from microgpt_cli.cli import app
 from microgpt_cli.config import ModelConfig, TrainConfig, read_toml, save_config
-from microgpt_cli.export import load_safetensors_export
+from microgpt_cli.data.tokenizer import from_spec
+from microgpt_cli.infer.sampling import generate_text
 from microgpt_cli.info import describe
-from microgpt_cli.model import GPT
+from microgpt_cli.io import checkpoint
+from microgpt_cli.io.export import load_safetensors_export
+from microgpt_cli.model.gpt import GPT
 from microgpt_cli.plot import save_loss_plot
-from microgpt_cli.sampling import generate_text
-from microgpt_cli.tokenizer import from_spec
 
 from clitools import assert_one_error_line, microgpt, run_cli
 
@@ -243,7 +243,7 @@ def _checkpoint(path: Path, tokenizer_spec: dict[str, Any], **overrides: Any) ->
 def test_hf_export_matches_microgpt_logits(tokenizer: str, activation: str, tie: bool, pad: int,
                                            tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    from microgpt_cli.export import export
+    from microgpt_cli.io.export import export
 
     spec = {"kind": "gpt2"} if tokenizer == "gpt2" else {"kind": "char", "chars": "".join(map(chr, range(32, 127)))}
     path, model = _checkpoint(tmp_path / "m.pt", spec, activation=activation, tie_weights=tie, pad_vocab=pad)

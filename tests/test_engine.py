@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from microgpt_cli.engine import Engine, RowMajorLinear, inference_model
+from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.evaluation import evaluate
-from microgpt_cli.sampling import generate_text
-from microgpt_cli.tokenizer import Tokenizer
+from microgpt_cli.infer.engine import Engine, RowMajorLinear, inference_model
+from microgpt_cli.infer.evaluation import evaluate
+from microgpt_cli.infer.sampling import generate_text
 
 from clitools import microgpt
 from conftest import tiny_model

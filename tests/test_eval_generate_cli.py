@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 
-from microgpt_cli import checkpoint
-from microgpt_cli.evaluation import evaluate
-from microgpt_cli.model import GPT
-from microgpt_cli.sampling import generate_text
-from microgpt_cli.tokenizer import train_char
+from microgpt_cli.data.tokenizer import train_char
+from microgpt_cli.infer.evaluation import evaluate
+from microgpt_cli.infer.sampling import generate_text
+from microgpt_cli.io import checkpoint
+from microgpt_cli.model.gpt import GPT
 
 from clitools import SHAKESPEARE, microgpt, run_cli
 from conftest import TINY_TEXT, write_data_dir

@@ -14,14 +14,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from microgpt_cli import checkpoint
-from microgpt_cli.checkpoint import load_checkpoint
 from microgpt_cli.cli import main
-from microgpt_cli.dataset import open_split, read_meta
+from microgpt_cli.data.dataset import open_split, read_meta
+from microgpt_cli.data.tokenizer import Tokenizer, named, train_bpe, train_char
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.evaluation import EvalResult, evaluate, split_loss
+from microgpt_cli.infer.evaluation import EvalResult, evaluate, split_loss
+from microgpt_cli.io import checkpoint
+from microgpt_cli.io.checkpoint import load_checkpoint
 from microgpt_cli.progress import eval_table
-from microgpt_cli.tokenizer import Tokenizer, named, train_bpe, train_char
 
 from conftest import TINY_TEXT, tiny_model, write_data_dir
 

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from microgpt_cli import checkpoint
 from microgpt_cli.config import PRESETS, ModelConfig
-from microgpt_cli.export import export, load_safetensors_export
-from microgpt_cli.model import GPT
-from microgpt_cli.tokenizer import from_spec
+from microgpt_cli.data.tokenizer import from_spec
+from microgpt_cli.io import checkpoint
+from microgpt_cli.io.export import export, load_safetensors_export
+from microgpt_cli.model.gpt import GPT
 
 CHARS = {"kind": "char", "chars": "".join(map(chr, range(32, 127)))}
 # The shape options of the cpu preset, every one off the specified model's default.

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from microgpt_cli import checkpoint
 from microgpt_cli.config import PRESETS, InvalidSetting, ModelConfig, TrainConfig, resolve
 from microgpt_cli.errors import Interrupted
-from microgpt_cli.events import Event, StepDone
-from microgpt_cli.training import train
+from microgpt_cli.io import checkpoint
+from microgpt_cli.training.events import Event, StepDone
+from microgpt_cli.training.loop import train
 
 from clitools import SHAKESPEARE, assert_one_error_line, hf_gpt2, microgpt, run_cli
 

@@ -41,11 +41,11 @@ import torch
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
-from microgpt_cli.checkpoint import Checkpoint, TrainingState
 from microgpt_cli.config import TrainConfig
-from microgpt_cli.dataset import data_fingerprint
-from microgpt_cli.optim import build_optimizers
-from microgpt_cli.tokenizer import Tokenizer, train_char
+from microgpt_cli.data.dataset import data_fingerprint
+from microgpt_cli.data.tokenizer import Tokenizer, train_char
+from microgpt_cli.io.checkpoint import Checkpoint, TrainingState
+from microgpt_cli.training.optim import build_optimizers
 
 from clitools import json_junk
 from conftest import TINY_TEXT, tiny_model, write_data_dir
@@ -57,7 +57,7 @@ CASE_SECONDS = 10.0  # far above the slowest honest case (~2 s: the first gpt2 t
 TINY_TRAIN = ["--n-layer", "1", "--n-embed", "16", "--n-head", "2", "--context", "8", "--batch-size", "2",
               "--eval-interval", "2", "--eval-tokens", "50", "--device", "cpu", "--no-compile"]
 # Hidden temp files and dirs the product writes and must always clean up (files.py, dataprep.py,
-# training.py); none of the names this test creates looks like one.
+# training/loop.py); none of the names this test creates looks like one.
 TEMP_NAME = re.compile(r"^\..*\.tmp$|^\..*\.(tmp|old)-|^\.discard$|^\.lock$|^\.stdin$")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # Lines a command prints while it works (so also before a failure that comes later): train's
@@ -783,7 +783,7 @@ def good_source_files(kind: str) -> dict[str, bytes]:
     """What `microgpt import` reads, as files: "hf", a random transformers GPT-2 small enough to copy into
     every case (1 layer, 8 wide, context 16); "export", `microgpt export --format safetensors` of the
     shared char model."""
-    from microgpt_cli.export import export
+    from microgpt_cli.io.export import export
 
     from clitools import hf_gpt2
 
@@ -1156,8 +1156,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         for name, data in good_data_files().items():
             (root / "data" / name).write_bytes(data)
         (root / "model.pt").write_bytes(good_checkpoint_bytes())
-        from microgpt_cli import checkpoint
-        from microgpt_cli.tokenizer import named
+        from microgpt_cli.data.tokenizer import named
+        from microgpt_cli.io import checkpoint
 
         gpt2 = named("gpt2")
         checkpoint.save(root / "gpt2-model.pt", Checkpoint.of(tiny_model(gpt2.vocab_size, n_layer=1, n_embed=8), gpt2))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from microgpt_cli import checkpoint
+from microgpt_cli.io import checkpoint
 
 from clitools import assert_clean_error, assert_one_error_line, microgpt, run_cli
 from conftest import TINY_TEXT
@@ -489,7 +489,8 @@ def test_help_shows_no_value_for_flags(capsys: pytest.CaptureFixture[str]) -> No
 def test_the_public_api_names_functions_even_after_their_modules_load() -> None:
     import importlib
 
-    for module in ("training", "evaluation", "dataprep", "dataset", "sampling", "checkpoint"):
+    for module in ("training.loop", "infer.evaluation", "data.dataprep", "data.dataset", "infer.sampling",
+                   "io.checkpoint"):
         importlib.import_module(f"microgpt_cli.{module}")
     import microgpt_cli
     from microgpt_cli import evaluate, generate_text, load_checkpoint, prepare, stream_text, train

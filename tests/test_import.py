@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from microgpt_cli import checkpoint
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.export import export
-from microgpt_cli.pretrained import import_model
+from microgpt_cli.io import checkpoint
+from microgpt_cli.io.export import export
+from microgpt_cli.io.pretrained import import_model
 
 from clitools import GPT2_SHAPES, hf_gpt2, microgpt
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from microgpt_cli.config import InvalidSetting, ModelConfig, resolve
-from microgpt_cli.model import GPT, apply_rotary, count_params, rotary_tables
-from microgpt_cli.tokenizer import Tokenizer
+from microgpt_cli.data.tokenizer import Tokenizer
+from microgpt_cli.model.gpt import GPT, apply_rotary, count_params, rotary_tables
 
 from conftest import TINY_TEXT, tiny_model
 
@@ -114,7 +114,7 @@ def test_flops_per_token_is_the_exact_formula(options: dict) -> None:
 
 def reference_logits(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
     """Logits (B, T, vocab) in float64 from plain tensor ops, written from the architecture's
-    description rather than from model.py's modules."""
+    description rather than from gpt.py's modules."""
     c = gpt.config
     w: Weights = {k: v.double() for k, v in gpt.state_dict().items()}
     hs, nh = c.head_size, c.n_head
@@ -278,8 +278,8 @@ def test_a_padded_vocabulary_changes_no_logit_loss_or_gradient(tie: bool) -> Non
 
 
 def test_sampling_and_eval_never_see_the_padding(char_tokenizer: Tokenizer) -> None:
-    from microgpt_cli.evaluation import split_loss
-    from microgpt_cli.sampling import generate_text
+    from microgpt_cli.infer.evaluation import split_loss
+    from microgpt_cli.infer.sampling import generate_text
 
     model = tiny_model(char_tokenizer.vocab_size)
     padded = padded_twin(model, 64)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from microgpt_cli.config import ModelConfig, TrainConfig
-from microgpt_cli.model import GPT
-from microgpt_cli.optim import Muon, build_optimizers, lr_factor, newton_schulz
+from microgpt_cli.model.gpt import GPT
+from microgpt_cli.training.optim import Muon, build_optimizers, lr_factor, newton_schulz
 
 
 def test_newton_schulz_orthogonalizes_in_fp32() -> None:

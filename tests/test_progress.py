@@ -10,8 +10,8 @@ from typing import Any
 from rich.console import Console, Group
 
 from microgpt_cli.config import ModelConfig, TrainConfig
-from microgpt_cli.events import EvalProgress, Evaluated, Logged, Metrics, RunEnded, RunStarted, StepDone
 from microgpt_cli.progress import TrainDisplay
+from microgpt_cli.training.events import EvalProgress, Evaluated, Logged, Metrics, RunEnded, RunStarted, StepDone
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from microgpt_cli.config import InvalidSetting
-from microgpt_cli.engine import sample_next
+from microgpt_cli.data.tokenizer import Tokenizer, named, train_bpe, train_char
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.model import GPT
-from microgpt_cli.sampling import Detokenizer, generate_text, generate_texts, stream_text
-from microgpt_cli.tokenizer import Tokenizer, named, train_bpe, train_char
+from microgpt_cli.infer.engine import sample_next
+from microgpt_cli.infer.sampling import Detokenizer, generate_text, generate_texts, stream_text
+from microgpt_cli.model.gpt import GPT
 
 from conftest import TINY_TEXT, tiny_model
 

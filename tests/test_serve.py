@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from microgpt_cli import checkpoint
-from microgpt_cli.sampling import generate_text
-from microgpt_cli.tokenizer import train_char
+from microgpt_cli.data.tokenizer import train_char
+from microgpt_cli.infer.sampling import generate_text
+from microgpt_cli.io import checkpoint
 
 from clitools import SHAKESPEARE, json_junk
 from conftest import tiny_model

@@ -14,13 +14,14 @@ import pytest
 import torch
 import typer.main
 
-from microgpt_cli import checkpoint, distributed
 from microgpt_cli.cli import app
 from microgpt_cli.config import ModelConfig, SamplingSettings, TrainConfig
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.export import GPT2_BLOCK_NAMES
-from microgpt_cli.model import BLOCK_MATRICES, BLOCK_PARAMS, GPT, TOP_LEVEL_PARAMS, block_param
-from microgpt_cli.training import build_run
+from microgpt_cli.io import checkpoint
+from microgpt_cli.io.export import GPT2_BLOCK_NAMES
+from microgpt_cli.model.gpt import BLOCK_MATRICES, BLOCK_PARAMS, GPT, TOP_LEVEL_PARAMS, block_param
+from microgpt_cli.training import distributed
+from microgpt_cli.training.loop import build_run
 
 from clitools import run_cli
 
@@ -131,10 +132,10 @@ def test_checkpoint_round_trips_through_its_type(tmp_path: Path, char_tokenizer:
 
 def test_help_and_info_do_not_import_torch_or_matplotlib() -> None:
     """`microgpt --help` and tab completion run the CLI module: it must not wait for torch (~1 s)."""
-    code = ("import sys, microgpt_cli.cli, microgpt_cli.plot, microgpt_cli.export; "
+    code = ("import sys, microgpt_cli.cli, microgpt_cli.plot, microgpt_cli.io.export; "
             "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
-    code = "import sys, microgpt_cli.training; print('matplotlib' in sys.modules)"
+    code = "import sys, microgpt_cli.training.loop; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"  # a plot is drawn only at an evaluation

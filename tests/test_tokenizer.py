@@ -13,7 +13,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext import openai_public
 
-from microgpt_cli import tokenizer as T
+from microgpt_cli.data import tokenizer as T
 from microgpt_cli.errors import MicroGPTError
 
 TRICKY = "Hello  world!\n\n  indented\r\nnaïve café 中文。 x/y 1234567 it's <|endoftext|> 😀\t\u00a0end"

@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 import torch
 
-from microgpt_cli import checkpoint, load_checkpoint, training
+from microgpt_cli import load_checkpoint
 from microgpt_cli.config import ModelConfig, TrainConfig
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.files import atomic_write
-from microgpt_cli.optim import lr_factor
+from microgpt_cli.io import checkpoint
+from microgpt_cli.io.files import atomic_write
+from microgpt_cli.training import loop as training
+from microgpt_cli.training.optim import lr_factor
 
 from clitools import assert_clean_error, microgpt
 
@@ -330,8 +332,8 @@ def test_grad_accum_trains_like_the_whole_batch(char_data: Path, tmp_path: Path)
 
 def test_the_summarys_tokens_per_sec_leaves_the_warm_up_out(small_char_data: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from microgpt_cli.events import Evaluated, Logged, RunEnded
     from microgpt_cli.progress import TrainDisplay
+    from microgpt_cli.training.events import Evaluated, Logged, RunEnded
 
     model = ModelConfig(n_layer=1, n_embed=32, n_head=2, context=32)
     logged: list[Logged | Evaluated] = []  # every log window's metrics, the last one's come with its evaluation

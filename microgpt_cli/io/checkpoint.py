@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from microgpt_cli.config import ModelConfig, TrainConfig
-from microgpt_cli.dataset import META_FILE
+from microgpt_cli.data.dataset import META_FILE
+from microgpt_cli.data.tokenizer import Tokenizer, check_spec, from_spec
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.files import atomic_write
-from microgpt_cli.model import GPT, count_params
-from microgpt_cli.tokenizer import Tokenizer, check_spec, from_spec
+from microgpt_cli.io.files import atomic_write
+from microgpt_cli.model.gpt import GPT, count_params
 
 FORMAT_VERSION = 1
 RUN_FILES = ("best.pt", "last.pt")  # a run dir's checkpoints, in the order `resolve_path` prefers them

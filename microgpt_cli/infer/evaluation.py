@@ -14,14 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from microgpt_cli import dataset
-from microgpt_cli.checkpoint import load_checkpoint
 from microgpt_cli.config import EVAL_BATCH_SIZE
+from microgpt_cli.data import dataset
+from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.device import resolve_device
-from microgpt_cli.engine import inference_model
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.model import GPT
-from microgpt_cli.tokenizer import Tokenizer
+from microgpt_cli.infer.engine import inference_model
+from microgpt_cli.io.checkpoint import load_checkpoint
+from microgpt_cli.model.gpt import GPT
 
 
 @dataclass(frozen=True)

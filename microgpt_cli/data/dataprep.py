@@ -21,10 +21,10 @@ from typing import Any, BinaryIO, Literal, get_args
 
 import numpy as np
 
-from microgpt_cli import tokenizer as tok_lib
-from microgpt_cli.dataset import META_FILE, META_VERSION, SPLITS
+from microgpt_cli.data import tokenizer as tok_lib
+from microgpt_cli.data.dataset import META_FILE, META_VERSION, SPLITS
 from microgpt_cli.errors import MicroGPTError, describe_os_error
-from microgpt_cli.files import atomic_dir, write_synced
+from microgpt_cli.io.files import atomic_dir, write_synced
 
 # --- prepare ---------------------------------------------------------------------------------
 

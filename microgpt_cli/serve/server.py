@@ -30,13 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from microgpt_cli.batcher import Batcher, Piece
-from microgpt_cli.batcher import Request as Job
-from microgpt_cli.checkpoint import load, resolve_path
 from microgpt_cli.config import MAX_SEED
 from microgpt_cli.device import resolve_device
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.sampling import Sampler, prompt_ids
+from microgpt_cli.infer.sampling import Sampler, prompt_ids
+from microgpt_cli.io.checkpoint import load, resolve_path
+from microgpt_cli.serve.batcher import Batcher, Piece
+from microgpt_cli.serve.batcher import Request as Job
 
 log = logging.getLogger("microgpt.serve")
 
@@ -254,7 +254,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
-        return (resources.files("microgpt_cli") / "static" / "playground.html").read_text(encoding="utf-8")
+        return (resources.files("microgpt_cli.serve") / "static" / "playground.html").read_text(encoding="utf-8")
 
     async def respond(request: Request, body: _Sampling, prompts: list[str], max_tokens: int, stops: list[str],
                       chat: bool) -> Response:

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from microgpt_cli.config import SamplingSettings, is_text
-from microgpt_cli.engine import Engine, make_generators, sample_next
+from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.model import GPT
-from microgpt_cli.tokenizer import Tokenizer
+from microgpt_cli.infer.engine import Engine, make_generators, sample_next
+from microgpt_cli.model.gpt import GPT
 
 _DEFAULTS = SamplingSettings()
 DEFAULT_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K = _DEFAULTS.length, _DEFAULTS.temperature, _DEFAULTS.top_k
@@ -234,8 +234,8 @@ def load_model(model: GPT | str | Path, tokenizer: Tokenizer | None, device: str
         return model, tokenizer
     if tokenizer is not None:
         raise MicroGPTError("a checkpoint brings its own tokenizer; pass tokenizer= only with a GPT model")
-    from microgpt_cli.checkpoint import load_checkpoint
     from microgpt_cli.device import resolve_device
+    from microgpt_cli.io.checkpoint import load_checkpoint
 
     return load_checkpoint(model, resolve_device(device))
 

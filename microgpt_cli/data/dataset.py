@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from microgpt_cli.data.tokenizer import Tokenizer, check_spec, from_spec
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.tokenizer import Tokenizer, check_spec, from_spec
 
 META_FILE = "meta.json"
 META_VERSION = 1

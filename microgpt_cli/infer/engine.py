@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from microgpt_cli.config import ModelConfig
 from microgpt_cli.device import free_memory
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.model import GPT
+from microgpt_cli.model.gpt import GPT
 
 GREEDY_BELOW = 1e-30  # temperatures under this sample as 0 does: float32 cannot divide by much less
 MAX_SLOTS = 1024
@@ -117,7 +117,7 @@ def inference_model(model: GPT, quantize: str | None = None) -> GPT:
     if device.type != "cpu":
         return fast
     if quantize == "int8":
-        from microgpt_cli.quantize import quantize_int8
+        from microgpt_cli.model.quantize import quantize_int8
 
         return quantize_int8(fast)  # type: ignore[return-value]
     replace_linears(fast, RowMajorLinear)

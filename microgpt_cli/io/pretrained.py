@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from microgpt_cli import checkpoint
 from microgpt_cli.config import Activation, ModelConfig
+from microgpt_cli.data.tokenizer import GPT2_END_OF_TEXT, Tokenizer, named
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.export import CONFIG_FILE, GPT2_BLOCK_NAMES, WEIGHTS_FILE, load_safetensors_export
-from microgpt_cli.model import GPT, block_param
-from microgpt_cli.tokenizer import GPT2_END_OF_TEXT, Tokenizer, named
+from microgpt_cli.io import checkpoint
+from microgpt_cli.io.export import CONFIG_FILE, GPT2_BLOCK_NAMES, WEIGHTS_FILE, load_safetensors_export
+from microgpt_cli.model.gpt import GPT, block_param
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 HUB_FILES = [CONFIG_FILE, WEIGHTS_FILE]

@@ -25,10 +25,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from microgpt_cli import checkpoint, distributed
-from microgpt_cli.checkpoint import RUN_FILES, Checkpoint, TrainingState
 from microgpt_cli.config import CONFIG_FILE, ModelConfig, TrainConfig, init_settings, resume_settings, save_config
-from microgpt_cli.dataset import (
+from microgpt_cli.data.dataset import (
     Batches,
     check_same_tokenizer,
     data_fingerprint,
@@ -36,6 +34,7 @@ from microgpt_cli.dataset import (
     open_split,
     read_meta,
 )
+from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.device import (
     allocation_errors,
     autocast,
@@ -45,8 +44,14 @@ from microgpt_cli.device import (
     resolve_device,
 )
 from microgpt_cli.errors import Interrupted, MicroGPTError
-from microgpt_cli.evaluation import split_loss
-from microgpt_cli.events import (
+from microgpt_cli.infer.evaluation import split_loss
+from microgpt_cli.io import checkpoint
+from microgpt_cli.io.checkpoint import RUN_FILES, Checkpoint, TrainingState
+from microgpt_cli.io.files import append_text, atomic_write, dir_lock, file_sha256, remove_stale_temp_files
+from microgpt_cli.model.gpt import GPT, count_params
+from microgpt_cli.plot import LOSS_PLOT, save_loss_plot
+from microgpt_cli.training import distributed
+from microgpt_cli.training.events import (
     METRICS_FILE,
     EvalProgress,
     Evaluated,
@@ -57,11 +62,7 @@ from microgpt_cli.events import (
     RunStarted,
     StepDone,
 )
-from microgpt_cli.files import append_text, atomic_write, dir_lock, file_sha256, remove_stale_temp_files
-from microgpt_cli.model import GPT, count_params
-from microgpt_cli.optim import build_optimizers, lr_factor
-from microgpt_cli.plot import LOSS_PLOT, save_loss_plot
-from microgpt_cli.tokenizer import Tokenizer
+from microgpt_cli.training.optim import build_optimizers, lr_factor
 
 EventFn = Callable[[Event], None]
 EVAL_SHARE = 0.1  # under --time-budget, one evaluation may take at most this share of the budget

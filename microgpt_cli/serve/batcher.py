@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from microgpt_cli.engine import make_generators, sample_next
-from microgpt_cli.sampling import Detokenizer, Sampler
+from microgpt_cli.infer.engine import make_generators, sample_next
+from microgpt_cli.infer.sampling import Detokenizer, Sampler
 
 log = logging.getLogger("microgpt.serve")
 

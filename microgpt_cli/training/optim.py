@@ -11,7 +11,7 @@ import math
 import torch
 
 from microgpt_cli.config import TrainConfig
-from microgpt_cli.model import GPT
+from microgpt_cli.model.gpt import GPT
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

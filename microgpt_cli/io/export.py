@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from microgpt_cli.config import ModelConfig
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.files import atomic_dir
+from microgpt_cli.io.files import atomic_dir
 
 if TYPE_CHECKING:
     import torch
 
-    from microgpt_cli.checkpoint import Checkpoint
-    from microgpt_cli.model import GPT
-    from microgpt_cli.tokenizer import Tokenizer
+    from microgpt_cli.data.tokenizer import Tokenizer
+    from microgpt_cli.io.checkpoint import Checkpoint
+    from microgpt_cli.model.gpt import GPT
 
 ExportFormat = Literal["hf", "safetensors"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
@@ -50,7 +50,7 @@ def export(checkpoint_path: str | Path, out: str | Path, format: str = "hf", for
 
     An existing non-empty `out` is replaced only with `force` (and only once the new one is
     complete)."""
-    from microgpt_cli import checkpoint
+    from microgpt_cli.io import checkpoint
 
     if format not in FORMATS:
         raise MicroGPTError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -102,7 +102,7 @@ def _save_weights(tensors: dict[str, torch.Tensor], directory: Path) -> None:
 
 
 def _write_hf(directory: Path, state: Checkpoint) -> None:
-    from microgpt_cli.model import block_param
+    from microgpt_cli.model.gpt import block_param
 
     config, weights = state.model_config, state.model
     real = config.vocab_size  # the rows of the tokenizer's ids, without any padding
@@ -118,7 +118,7 @@ def _write_hf(directory: Path, state: Checkpoint) -> None:
         tensors["lm_head.weight"] = weights["head.weight"][:real]
     _save_weights(tensors, directory)
 
-    from microgpt_cli.tokenizer import GPT2_END_OF_TEXT
+    from microgpt_cli.data.tokenizer import GPT2_END_OF_TEXT
 
     spec = state.tokenizer
     gpt2_tokens = spec["kind"] == "gpt2"
@@ -136,7 +136,7 @@ def _write_hf(directory: Path, state: Checkpoint) -> None:
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": 1e-5,  # torch.nn.LayerNorm's default, which model.py uses
+        "layer_norm_epsilon": 1e-5,  # torch.nn.LayerNorm's default, which gpt.py uses
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": config.tie_weights,
@@ -168,7 +168,7 @@ def _write_gpt2_tokenizer(directory: Path, context: int) -> None:
 
 
 def _write_safetensors(directory: Path, state: Checkpoint) -> None:
-    from microgpt_cli.checkpoint import FORMAT_VERSION
+    from microgpt_cli.io.checkpoint import FORMAT_VERSION
 
     weights = dict(state.model)
     if state.model_config.tie_weights:
@@ -186,8 +186,8 @@ def load_safetensors_export(directory: str | Path, device: str | torch.device = 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from microgpt_cli.checkpoint import FORMAT_VERSION as CHECKPOINT_VERSION
-    from microgpt_cli.checkpoint import Checkpoint
+    from microgpt_cli.io.checkpoint import FORMAT_VERSION as CHECKPOINT_VERSION
+    from microgpt_cli.io.checkpoint import Checkpoint
 
     directory = Path(directory)
     try:

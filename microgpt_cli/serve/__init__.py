@@ -1,0 +1,1 @@
+"""`microgpt serve`: the HTTP routes and the continuous batcher they decode through."""
