@@ -41,6 +41,7 @@ from microgpt_cli.errors import Interrupted, MicroGPTError, describe_os_error
 from microgpt_cli.io.export import ExportFormat
 from microgpt_cli.plot import X_AXES, XAxis
 from microgpt_cli.progress import stderr
+from microgpt_cli.serve.settings import ServeSettings
 
 STARTED = time.perf_counter()  # a --time-budget counts from here: importing torch is part of the run
 
@@ -67,6 +68,7 @@ app = typer.Typer(
 # Environment variables for the paths and device that most commands share. Precedence, highest
 # first: command-line flag, environment variable, --config file, --preset, built-in default.
 DATA_ENV, OUT_ENV, DEVICE_ENV = "MICROGPT_DATA", "MICROGPT_OUT", "MICROGPT_DEVICE"
+API_KEY_ENV = "MICROGPT_API_KEY"
 
 CheckpointOpt = Annotated[
     Path, typer.Option("--checkpoint", "-c", envvar=OUT_ENV,
@@ -472,33 +474,40 @@ def import_command(
 # --- serve -----------------------------------------------------------------------------------
 
 
+def _serve(name: str, **extra: Any) -> Any:
+    return _field_option(ServeSettings, name, **extra)
+
+
 @app.command()
 def serve(
     checkpoint: CheckpointOpt = Path("out"),
-    host: Annotated[str, typer.Option(
-        help="Address to listen on; 0.0.0.0 for every network interface (then set --api-key).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(
-        envvar="MICROGPT_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 route.",
-        show_default=False)] = None,
-    max_batch: Annotated[int, typer.Option(
-        help="Samples decoded at once; concurrent requests share the batch (continuous batching).")] = 8,
-    max_tokens_limit: Annotated[int, typer.Option(
-        help="The most new tokens one request may ask for (and its default max_tokens for chat).")] = 1024,
+    host: Annotated[str, _serve("host")] = default_of(ServeSettings, "host"),
+    port: Annotated[int, _serve("port")] = default_of(ServeSettings, "port"),
+    api_key: Annotated[Optional[str], _serve("api_key", envvar=API_KEY_ENV)] = default_of(ServeSettings, "api_key"),
+    allowed_hosts: Annotated[Optional[str], _serve("allowed_hosts")] = default_of(ServeSettings, "allowed_hosts"),
+    max_batch: Annotated[int, _serve("max_batch")] = default_of(ServeSettings, "max_batch"),
+    max_tokens_limit: Annotated[int, _serve("max_tokens_limit")] = default_of(ServeSettings, "max_tokens_limit"),
+    max_connections: Annotated[int, _serve("max_connections")] = default_of(ServeSettings, "max_connections"),
+    header_timeout: Annotated[float, _serve("header_timeout")] = default_of(ServeSettings, "header_timeout"),
+    body_timeout: Annotated[float, _serve("body_timeout")] = default_of(ServeSettings, "body_timeout"),
+    keep_alive_timeout: Annotated[int, _serve("keep_alive_timeout")] = default_of(ServeSettings,
+                                                                                   "keep_alive_timeout"),
+    max_body_bytes: Annotated[int, _serve("max_body_bytes")] = default_of(ServeSettings, "max_body_bytes"),
     quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve a checkpoint over HTTP: an OpenAI-compatible API under /v1 and a web playground at /."""
-    from microgpt_cli.infer.engine import MAX_SLOTS
     from microgpt_cli.serve.server import serve as run_server
 
-    if not 1 <= max_batch <= MAX_SLOTS:
-        raise MicroGPTError(f"--max-batch must be between 1 and {MAX_SLOTS:,}, got {max_batch:,}")
+    if api_key is None and API_KEY_ENV in os.environ:  # click reads an empty variable as unset: no key at all
+        api_key = os.environ[API_KEY_ENV]
+    settings = ServeSettings(host, port, api_key, allowed_hosts, max_batch, max_tokens_limit, max_connections,
+                             header_timeout, body_timeout, keep_alive_timeout, max_body_bytes)
 
     def announce(line: str) -> None:
         stderr.print(escape(line), highlight=False, soft_wrap=True)
 
-    run_server(checkpoint, host, port, api_key, max_batch, max_tokens_limit, device, quantize, announce)
+    run_server(checkpoint, settings, device, quantize, announce)
     stderr.print("stopped", highlight=False)
 
 

@@ -173,6 +173,21 @@ def test_flipped_bytes_in_a_checkpoint_are_refused(make_checkpoint, tmp_path: Pa
     assert not (tmp_path / "x").exists()
 
 
+def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused_at_load(
+        char_tokenizer, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its ids past the model's rows used to crash a prompt that held one (generate: an IndexError
+    traceback; serve: a 500 for an innocent concurrent request and a request that never ended)."""
+    from conftest import tiny_model
+
+    bad = tmp_path / "mismatch.pt"
+    model = tiny_model(char_tokenizer.vocab_size - 3)
+    checkpoint.save(bad, checkpoint.Checkpoint.of(model, char_tokenizer))
+    fragment = f"its tokenizer has {char_tokenizer.vocab_size} tokens but its model only {char_tokenizer.vocab_size - 3}"
+    for command in (["info", bad], ["generate", "-c", bad, "--prompt", "y", "--length", "3"],
+                    ["eval", "-c", bad, "--data", data_dir], ["serve", "-c", bad, "--port", "0", "--device", "cpu"]):
+        assert_one_error_line(*run_cli(capsys, *command)[::2], "mismatch.pt", fragment)
+
+
 @pytest.mark.parametrize("pickle_bytes", [
     b"\x80\x02junk",  # struct.error inside the restricted unpickler
     b"j\x01\x02",  # KeyError

@@ -185,6 +185,13 @@ def check_spec(spec: object) -> None:
         raise MicroGPTError(f"invalid {kind} tokenizer definition: name must be a str")
 
 
+def spec_vocab_size(spec: dict[str, Any]) -> int | None:
+    """The vocabulary size of a checked tokenizer definition, where it shows without building the
+    tokenizer (None for a tiktoken encoding, whose files may not be at hand)."""
+    sizes = {"gpt2": GPT2_END_OF_TEXT + 1, "char": len(spec.get("chars", "")), "bpe": len(spec.get("tokens", []))}
+    return sizes.get(spec["kind"])
+
+
 def from_spec(spec: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from the definition saved in meta.json or a checkpoint."""
     check_spec(spec)

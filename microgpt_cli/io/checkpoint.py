@@ -23,7 +23,7 @@ import torch
 
 from microgpt_cli.config import ModelConfig, TrainConfig
 from microgpt_cli.data.dataset import META_FILE
-from microgpt_cli.data.tokenizer import Tokenizer, check_spec, from_spec
+from microgpt_cli.data.tokenizer import Tokenizer, check_spec, from_spec, spec_vocab_size
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.io.files import atomic_write
 from microgpt_cli.model.gpt import GPT, count_params
@@ -120,7 +120,16 @@ class Checkpoint:
         return TrainConfig(**self.train_config)
 
     def tokenizer_object(self) -> Tokenizer:
-        return from_spec(self.tokenizer)
+        tokenizer = from_spec(self.tokenizer)
+        self.check_vocab(tokenizer.vocab_size)
+        return tokenizer
+
+    def check_vocab(self, tokens: int | None) -> None:
+        """Refuse a tokenizer with more ids than the model has rows: such ids would index past the
+        embedding at the first prompt that holds one (every reader of the checkpoint checks here)."""
+        if tokens is not None and tokens > self.model_config.vocab_size:
+            raise MicroGPTError(f"its tokenizer has {tokens:,} tokens but its model only "
+                                f"{self.model_config.vocab_size:,} (vocab_size): they do not belong together")
 
     def check_weights(self) -> None:
         """Refuse a config that does not make the stored weights' count, before building its model:
@@ -189,6 +198,7 @@ class Checkpoint:
                              dict(state.get("train_config", {})), dict(state.get("data", {})),
                              dict(state.get("metrics", {})), dict(state.get("init_from", {})), training)
             check_spec(checkpoint.tokenizer)
+            checkpoint.check_vocab(spec_vocab_size(checkpoint.tokenizer))
             if checkpoint.train_config:
                 TrainConfig(**checkpoint.train_config)
         except (TypeError, ValueError, KeyError, MicroGPTError) as exc:

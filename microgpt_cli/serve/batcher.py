@@ -35,7 +35,7 @@ class Piece:
     index: int
     text: str
     finish_reason: str | None = None
-    tokens: int = 0  # with finish_reason: the sample's completion tokens
+    tokens: int = 0  # the sample's completion tokens so far
 
 
 @dataclass
@@ -142,8 +142,16 @@ class Batcher:
                 return
             self.waiting.get()
             slots = free[: request.n]
-            self.logits[slots[0]] = self.engine.prefill(slots[0], request.ids)[: self.sampler.vocab]
-            self.engine.fork(slots[0], slots[1:])
+            try:
+                self.logits[slots[0]] = self.engine.prefill(slots[0], request.ids)[: self.sampler.vocab]
+                self.engine.fork(slots[0], slots[1:])
+            except Exception:  # checkpoints are checked at load, so a bug: this request fails, not the batch
+                log.exception("admitting a request failed; it gets an error")
+                for slot in slots:
+                    self.engine.release(slot)
+                for i in range(request.n):
+                    request.deliver(Piece(i, "", "error"))
+                continue
             self.logits[slots[1:]] = self.logits[slots[0]].clone()
             generators = make_generators(self.engine.device, request.seed, request.n)
             for i, slot in enumerate(slots):
@@ -181,7 +189,7 @@ class Batcher:
         sample.tokens += 1
         piece = sample.text.push(token)
         if piece:
-            sample.request.deliver(Piece(sample.index, piece))
+            sample.request.deliver(Piece(sample.index, piece, tokens=sample.tokens))
         if sample.text.stopped:
             self._finish(slot, "stop")
         elif sample.tokens >= sample.request.max_tokens:

@@ -1,48 +1,53 @@
 """`microgpt serve`: an OpenAI-compatible HTTP API and a web playground over the batcher.
 
 FastAPI declares the routes and validates requests against pydantic models; uvicorn serves them.
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, and the
-playground page at /. Every error a client causes is OpenAI's error object with a 4xx status and
-one log line, never a traceback.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (and /v1/models/{id}),
+GET /metrics, GET /health, and the playground page at /. Every error a client causes is OpenAI's
+error object with a 4xx status and one log line, never a traceback.
+
+Around the routes: `gate.Gate` checks the Host, the key and the body of every request first;
+`connections.GuardedH11` bounds what one connection may hold; `settings.ServeSettings` has every
+limit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from microgpt_cli.config import MAX_SEED
+from microgpt_cli.config import MAX_SEED, InvalidSetting
 from microgpt_cli.device import resolve_device
 from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.infer.engine import MAX_SLOTS
 from microgpt_cli.infer.sampling import Sampler, prompt_ids
 from microgpt_cli.io.checkpoint import load, resolve_path
 from microgpt_cli.serve.batcher import Batcher, Piece
 from microgpt_cli.serve.batcher import Request as Job
+from microgpt_cli.serve.connections import bind, guarded_protocol, open_file_limit, setup_logging
+from microgpt_cli.serve.gate import ClientError, Gate
+from microgpt_cli.serve.metrics import Metrics
+from microgpt_cli.serve.settings import ServeSettings
 
 log = logging.getLogger("microgpt.serve")
 
-MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a context's worth of text
-MAX_PROMPTS = 64  # prompts in one completions request
 CHAT_STOPS = ("\nuser:", "\nsystem:")  # a transcript's next turn ends the assistant's
+STATIC = resources.files("microgpt_cli.serve") / "static"
 
 
 @dataclass(frozen=True)
@@ -57,20 +62,7 @@ class ModelInfo:
     context: int
     step: int | None
     val_loss: float | None
-
-
-class ClientError(Exception):
-    """A request the server refuses: OpenAI's error object with this status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status,
-                            headers={"WWW-Authenticate": "Bearer"} if self.status == 401 else None)
+    chat_template: bool = False  # False: chat is a plain transcript (the model is not instruction-tuned)
 
 
 # --- request schemas (OpenAI's, strictly typed: "5" is not a number) ----------------------------
@@ -124,43 +116,15 @@ def transcript(messages: list[ChatMessage]) -> str:
 # --- the application -----------------------------------------------------------------------------
 
 
-class BodyLimit:
-    """Refuse a request body over `limit` bytes with 413, before it is read whole."""
-
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = ClientError(413, f"the request body is over {self.limit:,} bytes", code="body_too_large")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await too_large.response()(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise too_large
-            return message
-
-        await self.app(scope, limited, send)
-
-
 class Server:
-    """The state behind the routes: the batcher, the limits and the key."""
+    """The state behind the routes: the batcher, the settings and the metrics."""
 
-    def __init__(self, sampler: Sampler, info: ModelInfo, api_key: str | None, max_tokens_limit: int):
+    def __init__(self, sampler: Sampler, info: ModelInfo, settings: ServeSettings):
         self.sampler = sampler
         self.info = info
-        self.api_key = api_key
-        self.max_tokens_limit = max_tokens_limit
+        self.settings = settings
         self.batcher = Batcher(sampler)
+        self.metrics = Metrics(waiting=self.batcher.waiting.qsize, active=lambda: self.batcher.active)
         self.started = int(time.time())
 
     # Requests become jobs for the batcher, whose pieces come back through an asyncio queue.
@@ -170,9 +134,10 @@ class Server:
         slots = self.batcher.engine.slots
         if body.n > slots:
             raise ClientError(400, f"n must be at most {slots} (the server's --max-batch)", "n")
-        if max_tokens > self.max_tokens_limit:
-            raise ClientError(400, f"max_tokens must be at most {self.max_tokens_limit:,} (the server's "
-                                   f"--max-tokens-limit), got {max_tokens:,}", "max_tokens")
+        limit = self.settings.max_tokens_limit
+        if max_tokens > limit:
+            raise ClientError(400, f"max_tokens must be at most {limit:,} (the server's --max-tokens-limit), got "
+                                   f"{max_tokens:,}", "max_tokens")
         jobs, lengths = [], []
         for p, prompt in enumerate(prompts):
             try:
@@ -188,14 +153,19 @@ class Server:
             jobs.append(Job(ids, max_tokens, body.n, body.temperature, top_k, body.top_p, stops, body.seed, deliver))
         return jobs, lengths
 
+    def model_card(self) -> dict[str, Any]:
+        info = self.info
+        return {"id": info.id, "object": "model", "created": self.started, "owned_by": "microgpt",
+                "microgpt": {k: v for k, v in info.__dict__.items() if k != "id"}}
 
-def build_app(server: Server) -> FastAPI:
-    """The FastAPI application serving `server`."""
+
+def build_app(server: Server) -> Gate:
+    """The ASGI application serving `server`: the FastAPI routes behind the Gate."""
     app = FastAPI(title="microgpt", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ClientError)
     async def client_error(request: Request, exc: ClientError) -> Response:
-        log.info("%s %s %d %s", request.method, request.url.path, exc.status, exc.message)
+        exc.log(request.method, request.url.path)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
@@ -214,47 +184,49 @@ def build_app(server: Server) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return await client_error(request, ClientError(exc.status_code, str(exc.detail), kind=kind))
 
-    async def authorized(request: Request) -> None:
-        if server.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), server.api_key.encode()):
-            raise ClientError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                              code="invalid_api_key")
-
-    guarded = [Depends(authorized)]
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "active": server.batcher.active, "waiting": server.batcher.waiting.qsize()}
 
-    @app.get("/v1/models", dependencies=guarded)
-    async def models() -> dict[str, Any]:
-        info = server.info
-        return {"object": "list", "data": [{
-            "id": info.id, "object": "model", "created": server.started, "owned_by": "microgpt",
-            "microgpt": {k: v for k, v in info.__dict__.items() if k != "id"},
-        }]}
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.text(), media_type=server.metrics.content_type)
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [server.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != server.info.id:
+            raise ClientError(404, f"no model {model_id!r}: this server serves {server.info.id!r}", "model",
+                              "model_not_found", kind="not_found_error")
+        return server.model_card()
+
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not 1 <= len(prompts) <= MAX_PROMPTS:
-            raise ClientError(400, f"prompt takes a string or a list of 1 to {MAX_PROMPTS} strings", "prompt")
-        max_tokens = server.max_tokens_limit if body.max_tokens is None else body.max_tokens
+        most = server.settings.max_prompts
+        if not 1 <= len(prompts) <= most:
+            raise ClientError(400, f"prompt takes a string or a list of 1 to {most} strings", "prompt")
+        max_tokens = server.settings.max_tokens_limit if body.max_tokens is None else body.max_tokens
         return await respond(request, body, prompts, max_tokens, body.stops(), chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = server.max_tokens_limit if max_tokens is None else max_tokens
+        max_tokens = server.settings.max_tokens_limit if max_tokens is None else max_tokens
         return await respond(request, body, [transcript(body.messages)], max_tokens, [*body.stops(), *CHAT_STOPS],
                              chat=True)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
-        return (resources.files("microgpt_cli.serve") / "static" / "playground.html").read_text(encoding="utf-8")
+        return (STATIC / "playground.html").read_text(encoding="utf-8")
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response((STATIC / "favicon.svg").read_bytes(), media_type="image/svg+xml",
+                        headers={"Cache-Control": "max-age=86400"})
 
     async def respond(request: Request, body: _Sampling, prompts: list[str], max_tokens: int, stops: list[str],
                       chat: bool) -> Response:
@@ -266,24 +238,39 @@ def build_app(server: Server) -> FastAPI:
         for job in jobs:
             server.batcher.submit(job)
         reply = Reply(chat, server.info.id, body.n, len(prompts), lengths, context)
+        metrics = server.metrics
 
         async def events() -> AsyncIterator[tuple[int, Piece]]:
             remaining = len(jobs) * body.n
+            first = True
             try:
                 while remaining:
                     p, piece = await pieces.get()
+                    if first and piece.text:
+                        metrics.time_to_first_token.observe(time.perf_counter() - started)
+                        first = False
                     remaining -= piece.finish_reason is not None
                     yield p, piece
             finally:
                 for job in jobs:  # a client that went away frees its slots at the next step
                     job.cancelled = True
                 seconds = time.perf_counter() - started
-                log.info("%s %s 200 prompt=%d completion=%d %.2fs%s", request.method, request.url.path,
+                metrics.latency.observe(seconds)
+                metrics.prompt_tokens.inc(sum(lengths))
+                metrics.generation_tokens.inc(reply.completion_tokens)
+                if remaining:
+                    metrics.cancelled.inc()
+                status = 200 if body.stream or not remaining else 499  # 499: the client closed the request
+                log.info("%s %s %d prompt=%d completion=%d %.2fs%s", request.method, request.url.path, status,
                          sum(lengths), reply.completion_tokens, seconds, "" if not remaining else " (client left)")
 
         if not body.stream:
-            async for p, piece in events():
-                reply.add(p, piece)
+            async def collect() -> None:
+                async for p, piece in events():
+                    reply.add(p, piece)
+
+            if not await unless_client_leaves(request, collect()):
+                return Response(status_code=499)  # no one reads it
             if "error" in reply.finish:
                 raise ClientError(500, "decoding failed on the server; see its log", kind="server_error")
             return JSONResponse(reply.whole())
@@ -304,10 +291,32 @@ def build_app(server: Server) -> FastAPI:
                 yield reply.sse({**reply.chunk(0, "", None), "choices": [], "usage": reply.usage()})
             yield "data: [DONE]\n\n"
 
+        # Starlette ends the stream (and so events(), which cancels the jobs) when the client leaves.
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return app
+    return Gate(app, server.settings, server.metrics)
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[None]) -> bool:
+    """Run `work` to its end, unless the client disconnects first (then cancel it): whether it ended.
+    The body is read already, so the next message a client sends is its disconnect."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        task.cancel()  # nothing if it ended
+    try:
+        await task
+    except asyncio.CancelledError:
+        return False
+    return True
 
 
 class Reply:
@@ -331,8 +340,9 @@ class Reply:
     def add(self, prompt: int, piece: Piece) -> None:
         choice = prompt * self.n + piece.index
         self.texts[choice].append(piece.text)
+        self.tokens[choice] = piece.tokens
         if piece.finish_reason is not None:
-            self.finish[choice], self.tokens[choice] = piece.finish_reason, piece.tokens
+            self.finish[choice] = piece.finish_reason
 
     def usage(self) -> dict[str, int]:
         prompt = sum(self.prompt_tokens)
@@ -377,17 +387,6 @@ def model_info(checkpoint_path: Path, sampler: Sampler, metrics: dict[str, Any])
     )
 
 
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 class _Uvicorn(uvicorn.Server):
     """uvicorn's server, told of a stop request first (so in-flight streams end at once), and
     exiting normally afterwards instead of re-raising the signal: Ctrl-C is how a server stops."""
@@ -402,44 +401,80 @@ class _Uvicorn(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def serve(checkpoint: str | Path = "out", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8, max_tokens_limit: int = 1024, device: str = "auto", quantize: str | None = None,
-          announce: Callable[[str], None] = print) -> None:
+class Service:
+    """A checkpoint served on a socket: built (port taken, checkpoint loaded and checked) by the
+    constructor, then `run` until SIGINT/SIGTERM or `stop` (from another thread).
+
+    `warnings` lists what the startup lines should say besides the URL."""
+
+    def __init__(self, checkpoint: str | Path, settings: ServeSettings, device: str = "auto",
+                 quantize: str | None = None):
+        if not 1 <= settings.max_batch <= MAX_SLOTS:
+            raise InvalidSetting(f"max_batch must be between 1 and {MAX_SLOTS:,}, got {settings.max_batch:,}",
+                                 "max_batch")
+        self.warnings: list[str] = []
+        files = open_file_limit(settings.max_connections + settings.fd_reserve)
+        if files < settings.max_connections + settings.fd_reserve:
+            fit = files - settings.fd_reserve
+            if fit < 1:
+                raise MicroGPTError(f"the open-file limit ({files:,}) leaves no room for connections; raise it "
+                                    "(ulimit -n)")
+            self.warnings.append(f"warning: the open-file limit (ulimit -n {files:,}) allows {fit:,} connections, "
+                                 f"not --max-connections {settings.max_connections:,}")
+            settings = replace(settings, max_connections=fit)
+        if not settings.loopback and settings.api_key is None:
+            self.warnings.append(f"warning: listening on {settings.host} without --api-key: anyone who can reach "
+                                 "this machine can use it")
+        self.socket = bind(settings.host, settings.port, backlog=min(2048, settings.max_connections))
+        try:
+            self.path = resolve_path(checkpoint)
+            state = load(self.path)
+            model = state.build_model().to(resolve_device(device)).eval()
+            sampler = Sampler(model, state.tokenizer_object(), settings.max_batch, quantize)
+        except BaseException:
+            self.socket.close()
+            raise
+        self.server = Server(sampler, model_info(self.path, sampler, state.metrics), settings)
+        self.app = build_app(self.server)
+        config = uvicorn.Config(
+            self.app, http=guarded_protocol(settings, self.server.metrics.connections),
+            log_config=None, log_level="warning", access_log=False, lifespan="off",
+            timeout_graceful_shutdown=settings.graceful_shutdown, timeout_keep_alive=settings.keep_alive_timeout,
+            limit_concurrency=settings.max_connections + 1,  # uvicorn counts the asking connection too
+            h11_max_incomplete_event_size=settings.max_header_bytes, server_header=False,
+        )
+        self.uvicorn = _Uvicorn(config, self.server.batcher.request_stop)
+
+    @property
+    def url(self) -> str:
+        """The base URL, with the real port (`--port 0` picks one)."""
+        port = self.socket.getsockname()[1]
+        shown = self.server.settings.host
+        return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+
+    def run(self) -> None:
+        self.server.batcher.start()
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self.server.batcher.stop()
+            self.socket.close()
+
+    def stop(self) -> None:
+        self.server.batcher.request_stop()
+        self.uvicorn.should_exit = True
+
+
+def serve(checkpoint: str | Path = "out", settings: ServeSettings | None = None, device: str = "auto",
+          quantize: str | None = None, announce: Callable[[str], None] = print) -> None:
     """Serve a checkpoint until SIGINT/SIGTERM: the OpenAI-compatible API under /v1 and the
     playground at /. `announce` gets the startup lines (the URL, warnings)."""
-    if not 0 <= port <= 65535:
-        raise MicroGPTError(f"--port must be between 0 and 65535, got {port}")
-    if max_tokens_limit < 1:
-        raise MicroGPTError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
-    if api_key is not None and not api_key.strip():
-        raise MicroGPTError("--api-key must not be empty")
-    if not port_free(host, port):
-        raise MicroGPTError(f"cannot listen on {host}:{port}: the port is in use or the address is not this "
-                            "machine's; pick another --port or --host")
-    path = resolve_path(checkpoint)
-    state = load(path)
-    resolved = resolve_device(device)
-    model = state.build_model().to(resolved).eval()
-    sampler = Sampler(model, state.tokenizer_object(), max_batch, quantize)
-    server = Server(sampler, model_info(path, sampler, state.metrics), api_key, max_tokens_limit)
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    config = uvicorn.Config(BodyLimit(build_app(server), MAX_BODY_BYTES), host=host, port=port, log_level="warning",
-                            access_log=False, lifespan="off", timeout_graceful_shutdown=10)
-    uv = _Uvicorn(config, server.batcher.request_stop)
-    info = server.info
-    shown = f"[{host}]" if ":" in host else host
-    announce(f"microgpt serve: {path} ({info.parameters / 1e6:.2f}M parameters, {info.tokenizer} tokenizer, "
-             f"context {info.context}) on {sampler.engine.device}, up to {max_batch} samples at once")
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        announce(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use it")
-    announce(f"playground: http://{shown}:{port}/   API: http://{shown}:{port}/v1   (Ctrl-C stops)")
-    server.batcher.start()
-    try:
-        uv.run()
-    finally:
-        server.batcher.stop()
+    service = Service(checkpoint, settings or ServeSettings(), device, quantize)
+    setup_logging()
+    info, engine = service.server.info, service.server.sampler.engine
+    announce(f"microgpt serve: {service.path} ({info.parameters / 1e6:.2f}M parameters, {info.tokenizer} tokenizer, "
+             f"context {info.context}) on {engine.device}, up to {engine.slots} samples at once")
+    for line in service.warnings:
+        announce(line)
+    announce(f"playground: {service.url}/   API: {service.url}/v1   (Ctrl-C stops)")
+    service.run()
