@@ -37,3 +37,18 @@ def test_gpu_train_benchmark_runs_every_row_on_cpu(tmp_path: Path) -> None:
     # without CUDA there is no peak to compare with and no GPU memory to report
     assert all(cells[1:] == ["n/a", "n/a"] for cells in rows.values())
     assert re.search(r"microgpt / plain: \d+\.\d\dx", result.stdout)
+
+
+def test_serve_attack_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    """`serve_load.py --attack --tiny`: the script the README's attack table comes from still runs, with
+    every attacker at work (slow loris, bad bodies, vanishing clients) and its goals reported."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--attack", "--tiny",
+                             "--logs", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table_rows(result.stdout)
+    assert list(rows) == ["no attack", "attack"]
+    assert rows["attack"][1] == "0" and rows["attack"][5] == "20" and rows["attack"][6] == "7/7", rows
+    assert "no steady request failed: met" in result.stdout
+    assert "slots freed after vanished clients: met" in result.stdout
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log and len(re.findall(r"POST /v1/completions 4(00|13) ", log)) == 7

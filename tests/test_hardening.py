@@ -182,7 +182,8 @@ def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused_at_load(
     bad = tmp_path / "mismatch.pt"
     model = tiny_model(char_tokenizer.vocab_size - 3)
     checkpoint.save(bad, checkpoint.Checkpoint.of(model, char_tokenizer))
-    fragment = f"its tokenizer has {char_tokenizer.vocab_size} tokens but its model only {char_tokenizer.vocab_size - 3}"
+    tokens = char_tokenizer.vocab_size
+    fragment = f"its tokenizer has {tokens} tokens but its model only {tokens - 3}"
     for command in (["info", bad], ["generate", "-c", bad, "--prompt", "y", "--length", "3"],
                     ["eval", "-c", bad, "--data", data_dir], ["serve", "-c", bad, "--port", "0", "--device", "cpu"]):
         assert_one_error_line(*run_cli(capsys, *command)[::2], "mismatch.pt", fragment)

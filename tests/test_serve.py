@@ -60,7 +60,7 @@ def eot_after_full_stop(model: GPT, tokenizer: Tokenizer) -> None:
         d = torch.randn(model.config.n_embed, generator=torch.Generator().manual_seed(1))
         d = (d - d.mean()) / (d - d.mean()).norm()  # a direction LayerNorm keeps
         model.tok_emb.weight[dot] = 20 * d
-        model.norm.bias.copy_(-4 * d)
+        model.norm.bias.copy_(-4 * d)  # type: ignore[operator]
         model.head.weight[eot] = 4 * d
         model.head.weight[dot] = 3 * d
 

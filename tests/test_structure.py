@@ -20,6 +20,7 @@ from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.io import checkpoint
 from microgpt_cli.io.export import GPT2_BLOCK_NAMES
 from microgpt_cli.model.gpt import BLOCK_MATRICES, BLOCK_PARAMS, GPT, TOP_LEVEL_PARAMS, block_param
+from microgpt_cli.serve.settings import ServeSettings
 from microgpt_cli.training import distributed
 from microgpt_cli.training.loop import build_run
 
@@ -41,6 +42,7 @@ def choices(param: Any) -> tuple[str, ...] | None:
 
 @pytest.mark.parametrize(("cls", "cmd", "skip"), [
     (ModelConfig, "train", {"vocab_size"}), (TrainConfig, "train", set()), (SamplingSettings, "generate", set()),
+    (ServeSettings, "serve", set()),
 ])
 def test_every_setting_is_an_option_with_the_fields_default_help_and_choices(
         cls: type, cmd: str, skip: set[str], capsys: pytest.CaptureFixture[str],
@@ -69,7 +71,8 @@ def test_every_setting_is_an_option_with_the_fields_default_help_and_choices(
     extra = set(options) - {f.name for f in dataclasses.fields(cls)}
     expected_extra = {"train": {"config", "preset", "resume", "force"} | {f.name for f in dataclasses.fields(
         TrainConfig if cls is ModelConfig else ModelConfig)} - {"vocab_size"},
-        "generate": {"checkpoint", "prompt", "prompt_file", "num_samples", "quantize", "device", "config"}}[cmd]
+        "generate": {"checkpoint", "prompt", "prompt_file", "num_samples", "quantize", "device", "config"},
+        "serve": {"checkpoint", "quantize", "device"}}[cmd]
     assert extra == expected_extra
 
 
