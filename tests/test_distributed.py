@@ -76,7 +76,8 @@ def assert_only_torchrun_traceback(stderr: str, exception: str) -> None:
 def assert_no_rank_hung(stderr: str) -> None:
     """A rank stopped by an exception must exit, not hang until torchrun kills it 30 s later. It used to, about
     1 run in 5 after SIGTERM: the exception's traceback kept the DDP wrapper alive past the process group's
-    destruction, and gloo's destructor deadlocked on the GIL at exit (training.loop.train now drops the wrapper first)."""
+    destruction, and gloo's destructor deadlocked on the GIL at exit (training.loop.train now drops the wrapper
+    first)."""
     assert RANK_HUNG not in stderr, stderr
 
 
