@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -37,7 +38,7 @@ from microgpt_cli.infer.sampling import Sampler, generate_text
 from microgpt_cli.io import checkpoint
 from microgpt_cli.model.gpt import GPT
 from microgpt_cli.serve.batcher import Batcher, Piece, Request
-from microgpt_cli.serve.connections import setup_logging
+from microgpt_cli.serve.connections import LOGGERS, setup_logging
 from microgpt_cli.serve.gate import OPEN_PATHS
 from microgpt_cli.serve.server import Server, Service, build_app, model_info
 from microgpt_cli.serve.settings import ServeSettings
@@ -92,10 +93,14 @@ class Log(io.StringIO):
 
 
 @pytest.fixture(scope="module")
-def log() -> Log:
+def log() -> Iterator[Log]:
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    before = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
     stream = Log()
     setup_logging(stream)
-    return stream
+    yield stream
+    for logger, (handlers, level, propagate) in zip(loggers, before):  # as other modules' tests expect them
+        logger.handlers, logger.level, logger.propagate = handlers, level, propagate
 
 
 class InProcess:

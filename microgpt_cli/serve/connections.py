@@ -34,12 +34,13 @@ log = logging.getLogger("microgpt.serve")
 def bind(host: str, port: int, backlog: int) -> socket.socket:
     """A socket listening on host:port: taken before the model loads, so that of two servers started
     on one port the second fails at once with one line, and `--port 0` knows its real port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "localhost" is 127.0.0.1, as uvicorn has it
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
         raise MicroGPTError(f"cannot listen on {host}: not an address or a name this machine resolves; "
                             "pick another --host") from None
-    family, kind, proto, _, address = infos[0]
+    _, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart without waiting out TIME_WAIT

@@ -438,7 +438,7 @@ class Service:
         self.app = build_app(self.server)
         config = uvicorn.Config(
             self.app, http=guarded_protocol(settings, self.server.metrics.connections),
-            log_config=None, log_level="warning", access_log=False, lifespan="off",
+            log_config=None, log_level="warning", access_log=False, lifespan="off", ws="none",  # no route bypasses Gate
             timeout_graceful_shutdown=settings.graceful_shutdown, timeout_keep_alive=settings.keep_alive_timeout,
             limit_concurrency=settings.max_connections + 1,  # uvicorn counts the asking connection too
             h11_max_incomplete_event_size=settings.max_header_bytes, server_header=False,
