@@ -192,6 +192,14 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for `idx` (B, T); with `targets`, the mean cross-entropy instead."""
+        logits = self.logits(self.hidden(idx, cache))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normalized hidden states (B, T, C) for `idx` (B, T): what the head turns into
+        logits. Scoring applies the head only at the positions it scores."""
         T = idx.size(1)
         x = self.tok_emb(idx)  # (B, T, C)
         rotary = None
@@ -207,12 +215,14 @@ class GPT(nn.Module):
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, rotary, cache)
-        logits = self.head(self.norm(x))  # (B, T, padded vocab)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab) of final hidden states (..., C)."""
+        logits = self.head(hidden)  # (..., padded vocab)
         if self.config.pad_vocab > 1:
             logits = logits[..., : self.config.vocab_size]  # padded ids get no probability, in the loss or sampling
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward), 6N plus attention (PaLM appendix B)."""

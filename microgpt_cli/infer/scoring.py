@@ -1,0 +1,167 @@
+"""Scoring beside decoding: token ids in, log-probabilities out, on the engine's model.
+
+What benchmarks ask of a language model (lm-evaluation-harness's `loglikelihood` and
+`loglikelihood_rolling`, the OpenAI API's `echo` + `logprobs`) is the probability of given
+tokens, not new ones. Every request here is a token sequence and the first position to score;
+each scored token gets its log-probability, whether it is the greedy choice, and optionally the
+k likeliest tokens at its position.
+
+- Windows. The model sees at most `context` tokens. Scored positions are covered by windows that
+  each predict up to `stride` positions (the context by default) from as much of the preceding
+  text as fits: a window predicting positions [a, e) reads tokens [e - 1 - context, e - 1). So a
+  continuation after a long context is read with the context's last tokens (what the harness's
+  `hf` model does), and a long document is scored once per token, each later window starting
+  where the last ended and its final window reaching back a full context. With the default
+  stride these are exactly lm-evaluation-harness's rolling windows, so numbers compare with
+  what it reports for other models; a smaller stride gives every token more context.
+- Batches. Windows of all requests are sorted by length and run `batch_size` at a time, padded
+  at the end only: a causal model never lets a token see the ones after it, so the padding
+  changes no result. The head runs only at the scored positions (a multiple-choice answer is a
+  few tokens of a long prompt), in chunks that bound the memory of the vocabulary-wide logits.
+- Numbers. The model is the engine's inference copy (eval mode, so no dropout; transposed fp32
+  or int8 weights on CPU, bf16 on CUDA); log-probabilities are computed in float32 and summed in
+  float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from microgpt_cli.config import EVAL_BATCH_SIZE
+from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.infer.engine import Engine
+
+LOGITS_ELEMENTS = 1 << 24  # float32 logits held at once by the head (64 MB): bounds memory for big vocabularies
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The scored tokens of one request, in order."""
+
+    logprobs: list[float]  # each token's log-probability in nats
+    greedy: list[bool]  # whether each token is the likeliest one at its position (argmax)
+    top: list[list[tuple[int, float]]]  # per token, the top_k likeliest (id, log-probability), likeliest first
+
+    @property
+    def logprob(self) -> float:
+        """The summed log-probability of the scored tokens."""
+        return math.fsum(self.logprobs)
+
+    @property
+    def is_greedy(self) -> bool:
+        """Whether greedy decoding produces exactly these tokens."""
+        return all(self.greedy)
+
+
+@dataclass(frozen=True)
+class _Window:
+    request: int
+    ids: list[int]  # the tokens the model reads
+    scored: int  # the last `scored` positions predict the tokens after them
+    targets: list[int]
+
+
+class Scorer:
+    """Scores token sequences with an engine's model, `batch_size` windows at a time."""
+
+    def __init__(self, engine: Engine, batch_size: int = EVAL_BATCH_SIZE):
+        if batch_size < 1:
+            raise MicroGPTError(f"the batch size must be at least 1, got {batch_size}")
+        self.model = engine.model
+        self.device = engine.device
+        self.context = engine.context
+        self.batch_size = batch_size
+
+    def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], top_k: int = 0,
+              on_progress: Callable[[int, int], None] | None = None) -> list[Scored]:
+        """Each continuation's tokens given its context: `requests` are (context ids, continuation
+        ids) pairs, the context at least one token (a document start, say)."""
+        if any(not context for context, _ in requests):
+            raise MicroGPTError("a scored continuation needs at least one token of context before it")
+        sequences = [(list(context) + list(continuation), len(context)) for context, continuation in requests]
+        return self.score_tokens(sequences, top_k, on_progress=on_progress)
+
+    def rolling(self, documents: Sequence[Sequence[int]], prefix: int | None, top_k: int = 0,
+                stride: int | None = None, on_progress: Callable[[int, int], None] | None = None) -> list[Scored]:
+        """Every token of each document, after `prefix` (a document-start token); without a
+        prefix the first token is only read, and the others are scored."""
+        start = [] if prefix is None else [prefix]
+        sequences = [(start + list(document), 1) for document in documents]
+        return self.score_tokens(sequences, top_k, stride, on_progress)
+
+    def score_tokens(self, sequences: Sequence[tuple[Sequence[int], int]], top_k: int = 0, stride: int | None = None,
+                     on_progress: Callable[[int, int], None] | None = None) -> list[Scored]:
+        """The tokens from position `first` on of each (ids, first) pair, `first` >= 1, each read
+        with as much of what precedes it as the windows allow (see the module doc)."""
+        stride = self.context if stride is None else stride
+        if not 1 <= stride <= self.context:
+            raise MicroGPTError(f"the stride must be between 1 and the context ({self.context}), got {stride}")
+        if top_k < 0:
+            raise MicroGPTError(f"top_k must not be negative, got {top_k}")
+        windows = [window for r, (ids, first) in enumerate(sequences)
+                   for window in self._windows(r, list(ids), first, stride)]  # each request's in position order
+        by_length = sorted(range(len(windows)), key=lambda i: -len(windows[i].ids))
+        outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        total, done = sum(w.scored for w in windows), 0
+        for at in range(0, len(by_length), self.batch_size):
+            batch = by_length[at : at + self.batch_size]
+            outputs.update(zip(batch, self._run([windows[i] for i in batch], top_k), strict=True))
+            done += sum(windows[i].scored for i in batch)
+            if on_progress is not None:
+                on_progress(done, total)
+        results: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in sequences]
+        for i, window in enumerate(windows):
+            results[window.request].append(outputs[i])
+        return [self._collect(parts) for parts in results]
+
+    def _windows(self, request: int, ids: list[int], first: int, stride: int) -> list[_Window]:
+        if not 1 <= first <= len(ids):
+            raise MicroGPTError(f"the first scored position must be between 1 and {len(ids)}, got {first}")
+        windows = []
+        for a in range(first, len(ids), stride):
+            e = min(a + stride, len(ids))
+            windows.append(_Window(request, ids[max(0, e - 1 - self.context) : e - 1], e - a, ids[a:e]))
+        return windows
+
+    @torch.inference_mode()
+    def _run(self, batch: list[_Window], top_k: int) -> list[tuple[torch.Tensor, ...]]:
+        """(log-probabilities, greedy flags, top ids, top log-probabilities) of each window's
+        scored positions."""
+        length = max(len(w.ids) for w in batch)
+        ids = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, window in enumerate(batch):
+            ids[row, : len(window.ids)] = torch.tensor(window.ids)
+        hidden = self.model.hidden(ids.to(self.device))  # (B, T, C)
+        rows = torch.cat([torch.full((w.scored,), row) for row, w in enumerate(batch)])
+        columns = torch.cat([torch.arange(len(w.ids) - w.scored, len(w.ids)) for w in batch])
+        targets = torch.tensor([t for w in batch for t in w.targets], device=self.device)
+        scored = hidden[rows.to(self.device), columns.to(self.device)]  # (N, C)
+        vocab = self.model.config.vocab_size
+        step = max(1, LOGITS_ELEMENTS // vocab)
+        parts = []
+        for at in range(0, scored.size(0), step):
+            logits = self.model.logits(scored[at : at + step]).float()  # (n, vocab)
+            norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            chosen = targets[at : at + step, None]
+            logprobs = (logits.gather(-1, chosen) - norm)[:, 0]
+            greedy = logits.argmax(dim=-1) == chosen[:, 0]
+            top_values, top_ids = logits.topk(min(top_k, vocab), dim=-1)
+            parts.append((logprobs, greedy, top_ids, top_values - norm))
+        flat = [torch.cat(column).cpu() for column in zip(*parts, strict=True)]
+        out, at = [], 0
+        for window in batch:
+            out.append(tuple(t[at : at + window.scored] for t in flat))
+            at += window.scored
+        return out
+
+    @staticmethod
+    def _collect(parts: list[tuple[torch.Tensor, ...]]) -> Scored:
+        if not parts:  # nothing to score: an empty document
+            return Scored([], [], [])
+        logprobs, greedy, top_ids, top_values = (torch.cat(column) for column in zip(*parts, strict=True))
+        top = [list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_values.tolist(), strict=True)]
+        return Scored(logprobs.tolist(), greedy.tolist(), top)
