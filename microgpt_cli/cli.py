@@ -399,6 +399,10 @@ def generate(
     num_samples: Annotated[int, typer.Option(
         help="Samples to write, separated by a '---' line; decoded as one batch, sample i with seed + i.")] = 1,
     stop: Annotated[Optional[str], _sampling("stop")] = default_of(SamplingSettings, "stop"),
+    frequency_penalty: Annotated[float, _sampling("frequency_penalty")] = default_of(
+        SamplingSettings, "frequency_penalty"),
+    presence_penalty: Annotated[float, _sampling("presence_penalty")] = default_of(
+        SamplingSettings, "presence_penalty"),
     quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
     config: ConfigOpt = None,
@@ -415,7 +419,7 @@ def generate(
 
     if not 1 <= num_samples <= MAX_SLOTS:
         raise MicroGPTError(f"--num-samples must be between 1 and {MAX_SLOTS:,}, got {num_samples:,}")
-    settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed)
+    settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed, frequency_penalty, presence_penalty)
     start_text = read_text(prompt_file) if prompt_file is not None else prompt or ""
     sampler = load_sampler(checkpoint, device=device, slots=num_samples, quantize=quantize)
     batch = sampler.batch([start_text] * num_samples, settings)  # a bad prompt fails here, before any output

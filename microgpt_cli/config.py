@@ -223,6 +223,7 @@ class TrainConfig:
 
 EVAL_BATCH_SIZE = 8  # context windows scored at once by `microgpt eval`
 MAX_LENGTH = 10**9  # tokens per sample: far beyond any use, well inside every integer type involved
+MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty lie in [-2, 2], as in OpenAI's API
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,10 @@ class SamplingSettings:
     top_p: float = setting(1.0, "Sample from the likeliest tokens covering probability P only (1: off).")
     stop: str | None = setting(None, "End a sample where this text appears (the stop text is not printed).")
     seed: int | None = setting(1337, "Random seed: the same seed gives the same text.")
+    frequency_penalty: float = setting(0.0, "Lower a token's logit by this much for each time the sample already holds "
+                                            "it (-2 to 2; negative favours repeats).")
+    presence_penalty: float = setting(0.0, "Lower a token's logit by this much once the sample holds it at all "
+                                           "(-2 to 2).")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -253,6 +258,10 @@ class SamplingSettings:
             raise InvalidSetting("stop is not valid text (it holds bytes that are not UTF-8)", "stop")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidSetting(f"seed must be between 0 and {MAX_SEED}, got {self.seed}", "seed")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise InvalidSetting(f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got "
+                                     f"{getattr(self, name)}", name)
 
 
 FINETUNE_LR = 3e-4

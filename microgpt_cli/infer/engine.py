@@ -266,9 +266,17 @@ def make_generators(device: torch.device, seed: int | None, n: int) -> list[torc
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
-                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, vocab), row i drawing from generators[i]."""
+                generators: Sequence[torch.Generator | None], counts: torch.Tensor | None = None,
+                frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, vocab), row i drawing from generators[i].
+
+    With `counts` (B, vocab), how often each row has sampled each token so far, the penalties
+    lower the logits of tokens already sampled as OpenAI's API defines them: by
+    `frequency_penalty` per time, and by `presence_penalty` once (negative values raise them).
+    They apply before temperature, top-k and top-p, greedy decoding included."""
     logits = logits.float()
+    if counts is not None and (frequency_penalty or presence_penalty):
+        logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0).float()
     if temperature < GREEDY_BELOW:  # 0, or so small that it is greedy in all but float32 overflow
         return logits.argmax(dim=-1)
     # With top-k, the rest works on the k best logits of each row only (k of ~50k for GPT-2).
@@ -292,3 +300,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         noise[row].exponential_(generator=generator)
     picked = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
     return picked if candidates is None else candidates.gather(-1, picked[:, None])[:, 0]
+
+
+def count_sampled(counts: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Add one to counts[i, tokens[i]] for every row i (the tally the penalties of sample_next read)."""
+    counts.scatter_add_(1, tokens[:, None], torch.ones_like(counts[:, :1]))

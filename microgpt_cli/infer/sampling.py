@@ -9,6 +9,8 @@ Choices (the CLI documents the same):
   the new text first: the sample then ends just before it (the stop string is not output).
 - Several samples are decoded as one batch. Sample i draws its randomness from seed + i, so it is
   the same text whether decoded alone (with that seed) or in a batch.
+- `frequency_penalty` and `presence_penalty` (0: off) lower the logits of tokens the sample has
+  already produced, as OpenAI's API defines them (the prompt's tokens do not count).
 - An empty prompt starts from the end-of-text token where the vocabulary has one (GPT-2 and
   tiktoken: their document separator) and from "\n" for char/bpe ones; a char vocabulary without
   "\n" needs a prompt.
@@ -27,7 +29,7 @@ import torch
 from microgpt_cli.config import SamplingSettings, is_text
 from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.infer.engine import Engine, make_generators, sample_next
+from microgpt_cli.infer.engine import Engine, count_sampled, make_generators, sample_next
 from microgpt_cli.model.gpt import GPT
 
 _DEFAULTS = SamplingSettings()
@@ -104,9 +106,10 @@ class Sampler:
         # A model whose vocabulary is padded past the tokenizer's must not pick ids that decode to nothing.
         self.vocab = min(model.config.vocab_size, tokenizer.vocab_size)
 
-    def batch(self, prompts: Sequence[str], settings: SamplingSettings) -> BatchStream:
+    def batch(self, prompts: Sequence[str], settings: SamplingSettings, stops: Sequence[str] = (),
+              echo: bool = True) -> BatchStream:
         """One sample per prompt, decoded together; see BatchStream."""
-        return BatchStream(self, prompts, settings)
+        return BatchStream(self, prompts, settings, stops, echo)
 
     def stream(self, prompt: str, settings: SamplingSettings) -> TextStream:
         """One sample of `prompt`, as text pieces; see TextStream."""
@@ -115,17 +118,21 @@ class Sampler:
 
 class BatchStream:
     """Samples of several prompts decoded as one batch: iterates (row, text piece) pairs, first
-    each prompt, then the new text of every row as it is sampled. After it is exhausted,
-    `new_ids`, `seconds` and `first_token_seconds` say what was generated and how fast.
+    each prompt (unless not `echo`), then the new text of every row as it is sampled. A row ends
+    at `settings.stop` or any of `stops`. After it is exhausted, `new_ids`, `seconds` and
+    `first_token_seconds` say what was generated and how fast.
 
     Prompts and settings are checked before any decoding, so a bad one fails before any output."""
 
-    def __init__(self, sampler: Sampler, prompts: Sequence[str], settings: SamplingSettings):
+    def __init__(self, sampler: Sampler, prompts: Sequence[str], settings: SamplingSettings,
+                 stops: Sequence[str] = (), echo: bool = True):
         if not 1 <= len(prompts) <= sampler.engine.slots:
             raise MicroGPTError(f"this sampler decodes 1 to {sampler.engine.slots} prompts at once, got {len(prompts)}")
         self.sampler = sampler
         self.prompts = list(prompts)
         self.settings = settings
+        self.stops = [*([settings.stop] if settings.stop else []), *stops]
+        self.echo = echo
         self.ids = [prompt_ids(sampler.tokenizer, p) for p in self.prompts]
         self.new_ids: list[list[int]] = [[] for _ in self.prompts]
         self.seconds = 0.0  # from the start of the prefill to the last token
@@ -144,7 +151,7 @@ class BatchStream:
 
     def _run(self) -> Iterator[tuple[int, str]]:
         for row, prompt in enumerate(self.prompts):
-            if prompt:
+            if prompt and self.echo:
                 yield row, prompt
         if self.settings.length > 0:
             yield from self._sample()
@@ -163,8 +170,10 @@ class BatchStream:
 
     def _sample(self) -> Iterator[tuple[int, str]]:
         s, engine, n = self.settings, self.sampler.engine, len(self.prompts)
-        texts = [Detokenizer(self.sampler.tokenizer, s.stop) for _ in range(n)]
+        texts = [Detokenizer(self.sampler.tokenizer, self.stops) for _ in range(n)]
         generators = make_generators(engine.device, s.seed, n)
+        penalized = bool(s.frequency_penalty or s.presence_penalty)
+        counts = torch.zeros((n, self.sampler.vocab), device=engine.device) if penalized else None
         start = time.perf_counter()
         try:
             # inference_mode is entered per call, never across a yield, so the caller's code between
@@ -173,7 +182,10 @@ class BatchStream:
                 logits = self._prefill()
             for i in range(s.length):
                 with torch.inference_mode():
-                    tokens = sample_next(logits[:, : self.sampler.vocab], s.temperature, s.top_k, s.top_p, generators)
+                    tokens = sample_next(logits[:, : self.sampler.vocab], s.temperature, s.top_k, s.top_p, generators,
+                                         counts, s.frequency_penalty, s.presence_penalty)
+                    if counts is not None:
+                        count_sampled(counts, tokens)
                     if i + 1 < s.length:
                         logits = engine.step(tokens)  # queued before the sync below, which it does not need
                 new = tokens.tolist()  # the one host sync per step, needed to stream anyway
@@ -260,12 +272,14 @@ def stream_text(
     stop: str | None = None,
     device: str = "auto",
     quantize: str | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> TextStream:
     """Text pieces of one sample as they are produced: `start_text`, then up to `length` new tokens.
 
     `model` is a GPT (then `tokenizer` is required) or a checkpoint file / run dir (loaded on
     `device`). Options are checked and the prompt encoded before this returns."""
-    settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed)
+    settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed, frequency_penalty, presence_penalty)
     return load_sampler(model, tokenizer, device, 1, quantize).stream(start_text, settings)
 
 
@@ -281,10 +295,12 @@ def generate_text(
     stop: str | None = None,
     device: str = "auto",
     quantize: str | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> str:
     """`start_text` and its continuation as one string; see `stream_text`."""
     return "".join(stream_text(model, start_text, length, tokenizer, temperature, top_k, top_p, seed, stop,
-                               device, quantize))
+                               device, quantize, frequency_penalty, presence_penalty))
 
 
 def generate_texts(
@@ -299,10 +315,12 @@ def generate_texts(
     stop: str | None = None,
     device: str = "auto",
     quantize: str | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> list[str]:
     """One sample per prompt, decoded as one batch: `generate_texts(model, ["hello"] * 8)` gives
     8 samples of "hello". Sample i draws from seed + i (see the module doc)."""
-    settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed)
+    settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed, frequency_penalty, presence_penalty)
     pieces: list[list[str]] = [[] for _ in prompts]
     for row, piece in load_sampler(model, tokenizer, device, max(1, len(prompts)), quantize).batch(prompts, settings):
         pieces[row].append(piece)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -55,6 +55,38 @@ class Scored:
     def is_greedy(self) -> bool:
         """Whether greedy decoding produces exactly these tokens."""
         return all(self.greedy)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability, and the likeliest tokens at its position (id, log-probability)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+    def keep(self, k: int) -> TokenLogprob:
+        """The same with only the k likeliest alternatives."""
+        return replace(self, top=self.top[:k])
+
+
+def logprob_columns(logits: torch.Tensor, tokens: torch.Tensor,
+                    top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For logits (n, vocab) and the tokens (n,) that came next: their log-probabilities (n,),
+    whether each was the argmax (n,), and the top_k likeliest ids and log-probabilities (n, k)."""
+    logits = logits.float()
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    logprobs = (logits.gather(-1, tokens[:, None]) - norm)[:, 0]
+    greedy = logits.argmax(dim=-1) == tokens
+    top_values, top_ids = logits.topk(min(top_k, logits.size(-1)), dim=-1)
+    return logprobs, greedy, top_ids, top_values - norm
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top_k: int) -> list[TokenLogprob]:
+    """Each row's TokenLogprob for logits (n, vocab) and the tokens (n,) that came next."""
+    logprobs, _, top_ids, top_values = (t.tolist() for t in logprob_columns(logits, tokens, top_k))
+    return [TokenLogprob(token, logprob, tuple(zip(ids, values, strict=True)))
+            for token, logprob, ids, values in zip(tokens.tolist(), logprobs, top_ids, top_values, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -144,13 +176,7 @@ class Scorer:
         step = max(1, LOGITS_ELEMENTS // vocab)
         parts = []
         for at in range(0, scored.size(0), step):
-            logits = self.model.logits(scored[at : at + step]).float()  # (n, vocab)
-            norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            chosen = targets[at : at + step, None]
-            logprobs = (logits.gather(-1, chosen) - norm)[:, 0]
-            greedy = logits.argmax(dim=-1) == chosen[:, 0]
-            top_values, top_ids = logits.topk(min(top_k, vocab), dim=-1)
-            parts.append((logprobs, greedy, top_ids, top_values - norm))
+            parts.append(logprob_columns(self.model.logits(scored[at : at + step]), targets[at : at + step], top_k))
         flat = [torch.cat(column).cpu() for column in zip(*parts, strict=True)]
         out, at = [], 0
         for window in batch:

@@ -7,7 +7,9 @@ requests. So a request joins at the next step boundary instead of waiting for th
 of it, and a client that goes away frees its slots at the next step.
 
 Requests are id-level plus text: the batcher detokenizes (never splitting a UTF-8 character) and
-applies stop strings, so a server only moves text.
+applies stop strings, so a server only moves text. A request that asks for log-probabilities gets
+each new token's, with its likeliest alternatives, beside the text. `call` runs other work that
+needs the engine (scoring a prompt) on the same thread, between two steps.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from microgpt_cli.infer.engine import make_generators, sample_next
+from microgpt_cli.infer.engine import count_sampled, make_generators, sample_next
 from microgpt_cli.infer.sampling import Detokenizer, Sampler
+from microgpt_cli.infer.scoring import TokenLogprob, logprobs_of
 
 log = logging.getLogger("microgpt.serve")
 
@@ -36,6 +41,7 @@ class Piece:
     text: str
     finish_reason: str | None = None
     tokens: int = 0  # the sample's completion tokens so far
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens sampled since the last piece, if the request asked
 
 
 @dataclass
@@ -52,6 +58,9 @@ class Request:
     seed: int | None
     deliver: Callable[[Piece], None]
     cancelled: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None  # report each new token's log-probability and this many likeliest alternatives
 
     def end_unstarted(self) -> None:
         """End every sample of a request that never took a slot (finish_reason "length")."""
@@ -66,6 +75,7 @@ class _Sample:
     text: Detokenizer
     generator: torch.Generator
     tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet delivered
 
 
 class Batcher:
@@ -76,7 +86,9 @@ class Batcher:
         self.engine = sampler.engine
         self.slots: list[_Sample | None] = [None] * self.engine.slots
         self.logits = torch.zeros((self.engine.slots, sampler.vocab), device=self.engine.device)
+        self.counts = torch.zeros_like(self.logits)  # tokens each slot has sampled, for the penalties
         self.waiting: queue.Queue[Request] = queue.Queue()
+        self.calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self.eot = sampler.tokenizer.eot_id
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -90,6 +102,13 @@ class Batcher:
             raise ValueError(f"n={request.n} is more than the {self.engine.slots} slots")
         self.waiting.put(request)
         self._wake.set()
+
+    def call(self, work: Callable[[], Any]) -> Future[Any]:
+        """Run `work` on the batcher's thread between two steps; its result or exception in the future."""
+        future: Future[Any] = Future()
+        self.calls.put((work, future))
+        self._wake.set()
+        return future
 
     def request_stop(self) -> None:
         """End every request at the next step (finish_reason "length"), then stop the thread."""
@@ -109,6 +128,7 @@ class Batcher:
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stopping.is_set():
+                self._run_calls()
                 try:
                     self._admit()
                     if self.active == 0:  # idle: sleep until a request arrives
@@ -126,6 +146,17 @@ class Batcher:
                     self._finish(slot, "length")
             while not self.waiting.empty():
                 self.waiting.get().end_unstarted()
+            while not self.calls.empty():
+                self.calls.get()[1].cancel()
+
+    def _run_calls(self) -> None:
+        while not self.calls.empty():
+            work, future = self.calls.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(work())
+                except Exception as exc:  # the caller sees it
+                    future.set_exception(exc)
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, first come first served."""
@@ -153,6 +184,7 @@ class Batcher:
                     request.deliver(Piece(i, "", "error"))
                 continue
             self.logits[slots[1:]] = self.logits[slots[0]].clone()
+            self.counts[slots] = 0
             generators = make_generators(self.engine.device, request.seed, request.n)
             for i, slot in enumerate(slots):
                 self.slots[slot] = _Sample(request, i, Detokenizer(self.sampler.tokenizer, request.stop), generators[i])
@@ -162,22 +194,37 @@ class Batcher:
         n = active[-1] + 1
         tokens = torch.zeros(n, dtype=torch.long, device=self.engine.device)
         # Rows that sample alike are sampled together; each keeps its own random stream.
-        groups: dict[tuple[float, int | None, float], list[int]] = {}
+        groups: dict[tuple[float, int | None, float, float, float], list[int]] = {}
         for slot in active:
             r = self.slots[slot].request  # type: ignore[union-attr]
-            groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(slot)
-        for (temperature, top_k, top_p), rows in groups.items():
+            groups.setdefault((r.temperature, r.top_k, r.top_p, r.frequency_penalty, r.presence_penalty),
+                              []).append(slot)
+        for (temperature, top_k, top_p, frequency, presence), rows in groups.items():
             generators = [self.slots[row].generator for row in rows]  # type: ignore[union-attr]
-            tokens[rows] = sample_next(self.logits[rows], temperature, top_k, top_p, generators)
+            tokens[rows] = sample_next(self.logits[rows], temperature, top_k, top_p, generators, self.counts[rows],
+                                       frequency, presence)
+        count_sampled(self.counts[:n], tokens)
+        reported = self._logprobs(active, tokens)
         new = tokens.tolist()
         for slot in active:
-            self._deliver(slot, new[slot])
+            self._deliver(slot, new[slot], reported.get(slot))
         for slot in range(n):
             if self.slots[slot] is None:
                 self.engine.release(slot)
         self.logits[:n] = self.engine.step(tokens)[:, : self.sampler.vocab]
 
-    def _deliver(self, slot: int, token: int) -> None:
+    def _logprobs(self, active: list[int], tokens: torch.Tensor) -> dict[int, TokenLogprob]:
+        """The sampled tokens' log-probabilities under the model (before temperature and
+        penalties), for the slots whose request asks for them."""
+        rows = [slot for slot in active if self.slots[slot].request.logprobs is not None]  # type: ignore[union-attr]
+        if not rows:
+            return {}
+        top_k = max(self.slots[slot].request.logprobs or 0 for slot in rows)  # type: ignore[union-attr]
+        found = logprobs_of(self.logits[rows], tokens[rows], top_k)
+        return {slot: found[i].keep(self.slots[slot].request.logprobs or 0)  # type: ignore[union-attr]
+                for i, slot in enumerate(rows)}
+
+    def _deliver(self, slot: int, token: int, logprob: TokenLogprob | None = None) -> None:
         sample = self.slots[slot]
         assert sample is not None
         if sample.request.cancelled:
@@ -187,9 +234,12 @@ class Batcher:
             self._finish(slot, "stop")
             return
         sample.tokens += 1
+        if logprob is not None:
+            sample.logprobs.append(logprob)
         piece = sample.text.push(token)
         if piece:
-            sample.request.deliver(Piece(sample.index, piece, tokens=sample.tokens))
+            sample.request.deliver(Piece(sample.index, piece, tokens=sample.tokens,
+                                         logprobs=self._take_logprobs(sample)))
         if sample.text.stopped:
             self._finish(slot, "stop")
         elif sample.tokens >= sample.request.max_tokens:
@@ -201,4 +251,11 @@ class Batcher:
         self.slots[slot] = None
         self.engine.release(slot)
         if reason is not None:  # the final piece carries text held back so far (none after a stop string)
-            sample.request.deliver(Piece(sample.index, sample.text.finish(), reason, sample.tokens))
+            sample.request.deliver(Piece(sample.index, sample.text.finish(), reason, sample.tokens,
+                                         self._take_logprobs(sample)))
+
+    @staticmethod
+    def _take_logprobs(sample: _Sample) -> tuple[TokenLogprob, ...]:
+        taken = tuple(sample.logprobs)
+        sample.logprobs.clear()
+        return taken

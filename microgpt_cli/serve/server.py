@@ -2,8 +2,14 @@
 
 FastAPI declares the routes and validates requests against pydantic models; uvicorn serves them.
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (and /v1/models/{id}),
-GET /metrics, GET /health, and the playground page at /. Every error a client causes is OpenAI's
-error object with a 4xx status and one log line, never a traceback.
+POST /tokenize and POST /detokenize (vLLM's), GET /metrics, GET /health, and the playground page at
+/. Every error a client causes is OpenAI's error object with a 4xx status and one log line, never a
+traceback.
+
+Completions score text as vLLM does: `echo` returns the prompt, `logprobs` the log-probabilities
+of the prompt's tokens (scored on the batcher's thread with infer/scoring.py) and of the new ones
+(reported by the batcher); `max_tokens: 0` with `echo` only scores. This is what
+lm-evaluation-harness's `local-completions` model needs.
 
 Around the routes: `gate.Gate` checks the Host, the key and the body of every request first;
 `connections.GuardedH11` bounds what one connection may hold; `settings.ServeSettings` has every
@@ -17,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -28,25 +34,31 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from microgpt_cli.config import MAX_SEED, InvalidSetting
+from microgpt_cli.config import MAX_PENALTY, MAX_SEED, InvalidSetting
+from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.device import resolve_device
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer.engine import MAX_SLOTS
 from microgpt_cli.infer.sampling import Sampler, prompt_ids
+from microgpt_cli.infer.scoring import Scorer, TokenLogprob
 from microgpt_cli.io.checkpoint import load, resolve_path
 from microgpt_cli.serve.batcher import Batcher, Piece
 from microgpt_cli.serve.batcher import Request as Job
 from microgpt_cli.serve.connections import bind, guarded_protocol, open_file_limit, setup_logging
 from microgpt_cli.serve.gate import ClientError, Gate
+from microgpt_cli.serve.logprobs import CompletionLogprobs, chat_logprobs, prompt_entries, token_text
 from microgpt_cli.serve.metrics import Metrics
 from microgpt_cli.serve.settings import ServeSettings
+from microgpt_cli.serve.unsupported import unsupported_parameter
 
 log = logging.getLogger("microgpt.serve")
 
 CHAT_STOPS = ("\nuser:", "\nsystem:")  # a transcript's next turn ends the assistant's
+MAX_LOGPROBS = 5  # alternatives per token in completions (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20  # and in chat completions
 STATIC = resources.files("microgpt_cli.serve") / "static"
 
 
@@ -81,6 +93,17 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: dict[str, bool] | None = None
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implemented(cls, body: Any) -> Any:
+        name = unsupported_parameter(body)
+        if name is not None:
+            raise ClientError(400, f"{name} is not supported by this server; leave it out", name,
+                              "unsupported_parameter")
+        return body
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -90,8 +113,10 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids, one prompt or several
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class ChatMessage(BaseModel):
@@ -104,6 +129,25 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class TokenizeRequest(BaseModel):  # vLLM's: a prompt, or chat messages as the chat route writes them
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # these tokenizers add none
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
 
 
 def transcript(messages: list[ChatMessage]) -> str:
@@ -124,13 +168,43 @@ class Server:
         self.info = info
         self.settings = settings
         self.batcher = Batcher(sampler)
+        self.scorer = Scorer(sampler.engine, batch_size=sampler.engine.slots)
         self.metrics = Metrics(waiting=self.batcher.waiting.qsize, active=lambda: self.batcher.active)
         self.started = int(time.time())
 
+    def prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """The token ids of each prompt of a completions request: text (where "<|endoftext|>" is that
+        token, as vLLM reads it), or ids checked against the vocabulary."""
+        several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        prompts: list[Any] = list(prompt) if several else [prompt]
+        most = self.settings.max_prompts
+        if not prompt or not 1 <= len(prompts) <= most:
+            raise ClientError(400, f"prompt takes a string, a list of token ids, or a list of 1 to {most} of "
+                                   "either", "prompt")
+        ids = []
+        for item in prompts:
+            if isinstance(item, str):
+                try:
+                    ids.append(prompt_ids(self.sampler.tokenizer, item, special=True))
+                except MicroGPTError as exc:
+                    raise ClientError(400, str(exc), "prompt") from None
+            elif not item or not all(0 <= token < self.sampler.vocab for token in item):
+                raise ClientError(400, f"a prompt of token ids needs at least one id, each from 0 to "
+                                       f"{self.sampler.vocab - 1:,}", "prompt")
+            else:
+                ids.append(item)
+        return ids
+
+    async def score_prompts(self, prompts: list[list[int]], top_k: int) -> list[list[tuple[int, TokenLogprob | None]]]:
+        """Each prompt's tokens with their log-probabilities, scored on the batcher's thread."""
+        scored = await asyncio.wrap_future(self.batcher.call(lambda: self.scorer.rolling(prompts, None, top_k)))
+        return [prompt_entries(ids, result) for ids, result in zip(prompts, scored, strict=True)]
+
     # Requests become jobs for the batcher, whose pieces come back through an asyncio queue.
 
-    def jobs(self, prompts: list[str], body: _Sampling, max_tokens: int, stops: list[str],
-             loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue[tuple[int, Piece]]) -> tuple[list[Job], list[int]]:
+    def jobs(self, prompts: list[list[int]], body: _Sampling, max_tokens: int, stops: list[str],
+             loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue[tuple[int, Piece]],
+             logprobs: int | None) -> list[Job]:
         slots = self.batcher.engine.slots
         if body.n > slots:
             raise ClientError(400, f"n must be at most {slots} (the server's --max-batch)", "n")
@@ -138,20 +212,17 @@ class Server:
         if max_tokens > limit:
             raise ClientError(400, f"max_tokens must be at most {limit:,} (the server's --max-tokens-limit), got "
                                    f"{max_tokens:,}", "max_tokens")
-        jobs, lengths = [], []
-        for p, prompt in enumerate(prompts):
-            try:
-                ids = prompt_ids(self.sampler.tokenizer, prompt)
-            except MicroGPTError as exc:
-                raise ClientError(400, str(exc), "prompt") from None
-            lengths.append(len(ids))
+        jobs = []
+        for p, ids in enumerate(prompts):
 
             def deliver(piece: Piece, p: int = p) -> None:
                 loop.call_soon_threadsafe(pieces.put_nowait, (p, piece))
 
             top_k = body.top_k if body.top_k is None or body.top_k < self.sampler.vocab else None
-            jobs.append(Job(ids, max_tokens, body.n, body.temperature, top_k, body.top_p, stops, body.seed, deliver))
-        return jobs, lengths
+            jobs.append(Job(ids, max_tokens, body.n, body.temperature, top_k, body.top_p, stops, body.seed, deliver,
+                            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                            logprobs=logprobs))
+        return jobs
 
     def model_card(self) -> dict[str, Any]:
         info = self.info
@@ -205,19 +276,43 @@ def build_app(server: Server) -> Gate:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        most = server.settings.max_prompts
-        if not 1 <= len(prompts) <= most:
-            raise ClientError(400, f"prompt takes a string or a list of 1 to {most} strings", "prompt")
+        prompts = server.prompt_ids(body.prompt)
         max_tokens = server.settings.max_tokens_limit if body.max_tokens is None else body.max_tokens
-        return await respond(request, body, prompts, max_tokens, body.stops(), chat=False)
+        shown = Shown(body.logprobs, [server.sampler.tokenizer.decode(ids) for ids in prompts] if body.echo else None)
+        if body.echo and body.logprobs is not None:
+            shown.prompt_logprobs = await server.score_prompts(prompts, body.logprobs)
+        return await respond(request, body, prompts, max_tokens, body.stops(), chat=False, shown=shown)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ClientError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = server.settings.max_tokens_limit if max_tokens is None else max_tokens
-        return await respond(request, body, [transcript(body.messages)], max_tokens, [*body.stops(), *CHAT_STOPS],
-                             chat=True)
+        prompts = server.prompt_ids(transcript(body.messages))
+        shown = Shown((body.top_logprobs or 0) if body.logprobs else None)
+        return await respond(request, body, prompts, max_tokens, [*body.stops(), *CHAT_STOPS], chat=True, shown=shown)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        if (body.prompt is None) == (body.messages is None):
+            raise ClientError(400, "give either prompt or messages", "prompt")
+        text = body.prompt if body.prompt is not None else transcript(body.messages or [])
+        try:
+            tokens = server.sampler.tokenizer.encode_special(text)
+        except MicroGPTError as exc:
+            raise ClientError(400, str(exc), "prompt" if body.prompt is not None else "messages") from None
+        answer: dict[str, Any] = {"count": len(tokens), "max_model_len": server.info.context, "tokens": tokens}
+        if body.return_token_strs:
+            answer["token_strs"] = [token_text(server.sampler.tokenizer, t) for t in tokens]
+        return answer
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        if not all(0 <= token < server.sampler.tokenizer.vocab_size for token in body.tokens):
+            raise ClientError(400, f"tokens must be ids from 0 to {server.sampler.tokenizer.vocab_size - 1:,}",
+                              "tokens")
+        return {"prompt": server.sampler.tokenizer.decode(body.tokens)}
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
@@ -228,16 +323,17 @@ def build_app(server: Server) -> Gate:
         return Response((STATIC / "favicon.svg").read_bytes(), media_type="image/svg+xml",
                         headers={"Cache-Control": "max-age=86400"})
 
-    async def respond(request: Request, body: _Sampling, prompts: list[str], max_tokens: int, stops: list[str],
-                      chat: bool) -> Response:
+    async def respond(request: Request, body: _Sampling, prompts: list[list[int]], max_tokens: int, stops: list[str],
+                      chat: bool, shown: Shown) -> Response:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[int, Piece]] = asyncio.Queue()
-        jobs, lengths = server.jobs(prompts, body, max_tokens, stops, loop, pieces)
+        jobs = server.jobs(prompts, body, max_tokens, stops, loop, pieces, shown.logprobs)
+        lengths = [len(ids) for ids in prompts]
         context = server.info.context
         started = time.perf_counter()
         for job in jobs:
             server.batcher.submit(job)
-        reply = Reply(chat, server.info.id, body.n, len(prompts), lengths, context)
+        reply = Reply(chat, server.info.id, body.n, len(prompts), lengths, context, server.sampler.tokenizer, shown)
         metrics = server.metrics
 
         async def events() -> AsyncIterator[tuple[int, Piece]]:
@@ -277,16 +373,19 @@ def build_app(server: Server) -> Gate:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         async def stream() -> AsyncIterator[str]:
-            if chat:
-                for i in range(body.n):
+            for i in range(len(prompts) * body.n):
+                if chat:
                     yield reply.sse(reply.chunk(i, "", None, role=True))
+                elif shown.echo is not None:
+                    yield reply.sse(reply.echo_chunk(i))
             async for p, piece in events():
                 reply.add(p, piece)
                 if piece.finish_reason == "error":
                     yield reply.sse({"error": {"message": "decoding failed on the server; see its log",
                                                "type": "server_error", "param": None, "code": None}})
                 elif piece.text or piece.finish_reason:
-                    yield reply.sse(reply.chunk(p * body.n + piece.index, piece.text, piece.finish_reason))
+                    choice = p * body.n + piece.index
+                    yield reply.sse(reply.chunk(choice, piece.text, piece.finish_reason, logprobs=piece.logprobs))
             if include_usage:
                 yield reply.sse({**reply.chunk(0, "", None), "choices": [], "usage": reply.usage()})
             yield "data: [DONE]\n\n"
@@ -319,10 +418,22 @@ async def unless_client_leaves(request: Request, work: Awaitable[None]) -> bool:
     return True
 
 
+@dataclass
+class Shown:
+    """What a reply shows besides the new text: each token's log-probability with this many
+    alternatives (None: not asked), and for completions with `echo` each prompt's text and, with
+    `logprobs`, its scored tokens."""
+
+    logprobs: int | None = None
+    echo: list[str] | None = None
+    prompt_logprobs: list[list[tuple[int, TokenLogprob | None]]] | None = None
+
+
 class Reply:
     """The OpenAI response of one request, whole or as stream chunks."""
 
-    def __init__(self, chat: bool, model: str, n: int, prompts: int, prompt_tokens: list[int], context: int):
+    def __init__(self, chat: bool, model: str, n: int, prompts: int, prompt_tokens: list[int], context: int,
+                 tokenizer: Tokenizer, shown: Shown):
         self.chat, self.model, self.n = chat, model, n
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -332,6 +443,9 @@ class Reply:
         self.prompt_tokens = prompt_tokens
         self.truncated = any(length > context for length in prompt_tokens)
         self.context = context
+        self.tokenizer, self.shown = tokenizer, shown
+        self.sampled: list[list[TokenLogprob]] = [[] for _ in range(prompts * n)]
+        self.streamed: dict[int, CompletionLogprobs] = {}  # a streamed choice's logprobs so far
 
     @property
     def completion_tokens(self) -> int:
@@ -340,6 +454,7 @@ class Reply:
     def add(self, prompt: int, piece: Piece) -> None:
         choice = prompt * self.n + piece.index
         self.texts[choice].append(piece.text)
+        self.sampled[choice].extend(piece.logprobs)
         self.tokens[choice] = piece.tokens
         if piece.finish_reason is not None:
             self.finish[choice] = piece.finish_reason
@@ -355,21 +470,49 @@ class Reply:
             head["prompt_truncated_to"] = self.context
         return head
 
-    def whole(self) -> dict[str, Any]:
-        finished = enumerate(zip(self.texts, self.finish, strict=True))
-        if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)},
-                        "logprobs": None, "finish_reason": f} for i, (t, f) in finished]
-            return {**self._head("chat.completion"), "choices": choices, "usage": self.usage()}
-        choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": f} for i, (t, f) in finished]
-        return {**self._head("text_completion"), "choices": choices, "usage": self.usage()}
+    def _echo(self, choice: int) -> tuple[str, list[tuple[int, TokenLogprob | None]]]:
+        """The echoed prompt of a choice, and its scored tokens (none without logprobs)."""
+        if self.shown.echo is None:
+            return "", []
+        prompt = choice // self.n
+        return self.shown.echo[prompt], self.shown.prompt_logprobs[prompt] if self.shown.prompt_logprobs else []
 
-    def chunk(self, index: int, text: str, finish: str | None, role: bool = False) -> dict[str, Any]:
+    def _logprobs(self, choice: int, sampled: list[TokenLogprob], start: bool = False) -> dict[str, Any] | None:
+        """The logprobs object of these new tokens of a choice (after its echoed prompt's, if `start`)."""
+        if self.shown.logprobs is None:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tokenizer, sampled)
+        built = self.streamed.setdefault(choice, CompletionLogprobs(self.tokenizer))
+        return built.add([*(self._echo(choice)[1] if start else []), *((e.token, e) for e in sampled)])
+
+    def whole(self) -> dict[str, Any]:
+        choices = []
+        for i, (text, finish) in enumerate(zip(self.texts, self.finish, strict=True)):
+            logprobs = self._logprobs(i, self.sampled[i], start=True)
+            if self.chat:
+                message = {"role": "assistant", "content": "".join(text)}
+                choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            else:
+                choices.append({"index": i, "text": self._echo(i)[0] + "".join(text), "logprobs": logprobs,
+                                "finish_reason": finish})
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self._head(kind), "choices": choices, "usage": self.usage()}
+
+    def echo_chunk(self, index: int) -> dict[str, Any]:
+        """The first chunk of a streamed choice with echo: the prompt (and its logprobs)."""
+        choice = {"index": index, "text": self._echo(index)[0], "logprobs": self._logprobs(index, [], start=True),
+                  "finish_reason": None}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def chunk(self, index: int, text: str, finish: str | None, role: bool = False,
+              logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        shown = None if role else self._logprobs(index, list(logprobs))
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": shown, "finish_reason": finish}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text, "logprobs": shown, "finish_reason": finish}
         return {**self._head("text_completion"), "choices": [choice]}
 
     @staticmethod
