@@ -76,6 +76,7 @@ CheckpointOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option(
     envvar=DEVICE_ENV, help="Where to run: auto, cpu, cuda, cuda:N or mps (auto picks cuda, then mps, then cpu).")]
+H = "Benchmark tasks (lm-evaluation-harness)"  # a help panel of eval
 QuantizeOpt = Annotated[Quantize, typer.Option(
     help="Weights on CPU: none (fp32, exact) or int8 (weight-only int8 linear layers: faster, slightly less "
          "accurate; see the README). CUDA always decodes with bf16 weights.")]
@@ -343,16 +344,42 @@ def eval_command(
     skip_unknown: Annotated[bool, typer.Option(
         "--skip-unknown", help="With --text: leave out characters the checkpoint's char vocabulary lacks (they are "
                                "counted in the result) instead of stopping.")] = False,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object: loss, perplexity, bits_per_byte, tokens, seconds.")
-    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help=(
+        "Print one JSON object: loss, perplexity, bits_per_byte, tokens, seconds; with --tasks, the harness's "
+        "own output, whose \"results\" holds each task's metrics."))] = False,
     batch_size: Annotated[
         int, typer.Option(help="Context windows scored at once (memory vs. speed).")] = EVAL_BATCH_SIZE,
+    tasks: Annotated[Optional[str], typer.Option(
+        help="Score lm-evaluation-harness tasks instead, comma-separated: its registry's (hellaswag,arc_easy; their "
+             "datasets need the network or its cache) or your own YAML files under --include-path. Needs the eval "
+             "extra.", rich_help_panel=H, show_default=False)] = None,
+    include_path: Annotated[Optional[Path], typer.Option(
+        help="With --tasks: a directory of your own task YAML files (the harness's format).", rich_help_panel=H,
+        show_default=False)] = None,
+    limit: Annotated[Optional[float], typer.Option(
+        help="With --tasks: at most this many documents per task (a number below 1: that fraction of them).",
+        rich_help_panel=H, show_default=False)] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(
+        help="With --tasks: solved examples put before each question (default: each task's own).",
+        rich_help_panel=H, show_default=False)] = None,
     quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
     config: ConfigOpt = None,
 ) -> None:
-    """Score a checkpoint on every token of the validation split (or a text file), exactly once."""
+    """Score a checkpoint on every token of the validation split (or a text file), exactly once; or on
+    benchmark tasks through lm-evaluation-harness (--tasks)."""
+    if tasks is not None:
+        source = ctx.get_parameter_source("data")
+        given = [name for name in ("text", "skip_unknown") if _given(ctx, name)]
+        given += ["data"] if source is not None and source.name == "COMMANDLINE" else []
+        if given:
+            raise MicroGPTError(f"--tasks scores benchmark tasks, not a split or a text: leave out "
+                                f"--{given[0].replace('_', '-')}")
+        _eval_tasks(checkpoint, tasks, include_path, limit, num_fewshot, batch_size, quantize, device, json_output)
+        return
+    harness_only = [name for name in ("include_path", "limit", "num_fewshot") if _given(ctx, name)]
+    if harness_only:
+        raise MicroGPTError(f"--{harness_only[0].replace('_', '-')} goes with --tasks")
     if _stronger(ctx, data=data, text=text) == "text":
         data = None
     else:
@@ -378,6 +405,36 @@ def eval_command(
         typer.echo(json.dumps(result.to_dict()))
         return
     Console().print(eval_table(result, f"{checkpoint} on {text if text is not None else data / 'val.bin'}"))
+
+
+def _eval_tasks(checkpoint: Path, tasks: str, include_path: Optional[Path], limit: Optional[float],
+                num_fewshot: Optional[int], batch_size: int, quantize: str, device: str, json_output: bool) -> None:
+    # The harness and the datasets library draw tqdm bars of their own; microgpt's display replaces them.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import json
+
+    from rich.console import Console
+
+    from microgpt_cli.infer.evaluation import evaluate_tasks
+    from microgpt_cli.progress import Task, tasks_table
+
+    started = time.monotonic()
+    with Task(f"eval {tasks}", total=None, unit="tokens") as task:
+        def progress(kind: str, done: int, total: int) -> None:  # tokens scored, or requests decoded
+            task.unit = "requests" if kind == "generate_until" else "tokens"
+            if task.live or time.monotonic() - started > 5:
+                task.update(done, status=kind, total=total, force=done == total)
+
+        results = evaluate_tasks(checkpoint, tasks.split(","), include_path, limit, num_fewshot, batch_size, device,
+                                 quantize, on_progress=progress)
+    results.pop("samples", None)
+    if json_output:
+        from lm_eval.utils import handle_non_serializable
+
+        typer.echo(json.dumps(results, default=handle_non_serializable))
+        return
+    Console().print(tasks_table(results, f"{checkpoint}: lm-evaluation-harness {results.get('lm_eval_version', '')}"))
 
 
 # --- generate --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, RenderableType
 from rich.markup import escape
@@ -323,3 +323,29 @@ def eval_table(result: EvalResult, title: str) -> Table:
     if result.quantize is not None:
         table.add_row("weights", result.quantize)
     return table
+
+
+def tasks_table(results: dict[str, Any], title: str) -> Table:
+    """lm-evaluation-harness's results as a table: one row per task and metric, with its stderr."""
+    from rich.table import Table
+
+    table = Table(title=escape(title))
+    for column, justify in (("task", "left"), ("metric", "left"), ("value", "right"), ("stderr", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for task, metrics in results["results"].items():
+        name = str(metrics.get("alias", task))
+        for key, value in metrics.items():
+            metric, _, kind = key.partition(",")  # "acc,none": the metric and the filter it ran after
+            if not kind or metric.endswith("_stderr"):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{kind}")
+            shown = metric if kind == "none" else f"{metric} ({kind})"
+            table.add_row(escape(name), escape(shown), _number(value), _number(stderr))
+            name = ""
+    return table
+
+
+def _number(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-" if value in (None, "N/A") else escape(str(value))
+    return f"{value:,.4f}" if math.isfinite(value) else str(value)

@@ -235,3 +235,22 @@ def test_rows_of_a_batch_stop_on_their_own(char_tokenizer: Tokenizer) -> None:
         new = whole[3:]
         assert text == "The" + (new[: new.index(stop)] if stop in new else new)
     assert len(stopped[1]) < len(full[1])
+
+
+def test_frequency_and_presence_penalties_lower_the_logits_of_tokens_already_sampled(char_tokenizer: Tokenizer) -> None:
+    # Row 0 has sampled token 1 three times and token 2 once; row 1 nothing.
+    logits = torch.tensor([[0.0, 3.0, 2.5, 1.0]] * 2)
+    counts = torch.tensor([[0.0, 3.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    pick = lambda f, p: sample_next(logits, 0.0, None, 1.0, [None, None], counts, f, p).tolist()
+    assert pick(0.0, 0.0) == [1, 1]
+    assert pick(0.3, 0.0) == [2, 1]  # per time sampled: 3.0 - 0.9 = 2.1 < 2.5 - 0.3 = 2.2
+    assert pick(0.0, 0.3) == [1, 1]  # once: 2.7 > 2.2
+    assert pick(0.0, 2.1) == [3, 1]  # 0.9 and 0.4 < 1.0
+    assert pick(-1.0, 0.0) == [1, 1]  # a negative penalty favours repeats
+    # A sample with the penalty maxed out never repeats a token while unused ones remain.
+    model = tiny_model(char_tokenizer.vocab_size)
+    plain = char_tokenizer.encode(generate_text(model, "H", 20, char_tokenizer, temperature=0))
+    assert len(set(plain)) < len(plain)
+    text = generate_text(model, "H", 20, char_tokenizer, temperature=0, presence_penalty=2.0, frequency_penalty=2.0)
+    new = char_tokenizer.encode(text)[1:]
+    assert len(set(new)) == len(new) == 20

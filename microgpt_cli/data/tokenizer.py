@@ -68,6 +68,13 @@ class Tokenizer:
             return self._encoding.encode_ordinary(text)
         return self._encode_chars(text).tolist()
 
+    def encode_special(self, text: str) -> list[int]:
+        """Token ids of `text` where the vocabulary's special-token strings ("<|endoftext|>") stand
+        for those tokens: how OpenAI's API and vLLM read a prompt."""
+        if self._encoding is not None:
+            return self._encoding.encode(text, allowed_special="all")
+        return self._encode_chars(text).tolist()
+
     def encode_array(self, text: str) -> np.ndarray:
         if self._encoding is not None:
             return _int64_array(self._encoding.encode_ordinary(text))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,56 @@ def evaluate(
     perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
     bits_per_byte = nats / math.log(2) / nbytes if nbytes else math.nan
     return EvalResult(loss, perplexity, bits_per_byte, count, seconds, skipped, quantize)
+
+
+EVAL_EXTRA = "pip install 'microgpt[eval]' (in a checkout: pip install -e '.[eval]')"
+
+
+def evaluate_tasks(
+    checkpoint: str | Path = "out",
+    tasks: Sequence[str] = (),
+    include_path: str | Path | None = None,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: str = "auto",
+    quantize: str | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Score a checkpoint on lm-evaluation-harness tasks (its registry's, or YAML files under
+    `include_path`): the harness's own results dict, whose "results" holds each task's metrics
+    ("acc,none", "acc_stderr,none", ...). Needs the `eval` extra. `limit` caps the documents per
+    task (a fraction below 1: that share of them); `on_progress(kind, done, total)` follows the
+    harness's requests of each kind."""
+    names = [name.strip() for name in tasks if name.strip()]
+    if not names:
+        raise MicroGPTError("--tasks needs at least one task name (comma-separated: hellaswag,arc_easy)")
+    if batch_size < 1:
+        raise MicroGPTError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and not (limit > 0 and math.isfinite(limit) and (limit < 1 or limit == int(limit))):
+        raise MicroGPTError(f"--limit must be a whole number of documents or a fraction below 1, got {limit:g}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise MicroGPTError(f"--num-fewshot must not be negative, got {num_fewshot}")
+    try:
+        from microgpt_cli.infer import harness
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("microgpt_cli"):
+            raise
+        raise MicroGPTError(f"--tasks runs lm-evaluation-harness, which is not installed ({exc.name} is missing): "
+                            f"{EVAL_EXTRA}") from None
+    from microgpt_cli.infer.sampling import Sampler
+    from microgpt_cli.io.checkpoint import resolve_path
+
+    model, tokenizer = load_checkpoint(checkpoint, resolve_device(device))
+    quantize = None if quantize == "none" else quantize
+    sampler = Sampler(model, tokenizer, batch_size, quantize)
+    info = {"microgpt_checkpoint": str(resolve_path(checkpoint)), "model_num_parameters": model.num_params(),
+            "tokenizer": tokenizer.name, "context": model.config.context, "quantize": quantize or "none",
+            "device": str(sampler.engine.device)}
+    return harness.run_tasks(sampler, names, None if include_path is None else Path(include_path),
+                             int(limit) if limit is not None and limit >= 1 else limit, num_fewshot, batch_size,
+                             on_progress, info, log_samples)
 
 
 def _known_text(text: str, tokenizer: Tokenizer, path: Path, skip_unknown: bool) -> tuple[str, int | None]:

@@ -80,12 +80,13 @@ class Detokenizer:
         return next((n for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])), 0)
 
 
-def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """The ids generation starts from; an empty prompt starts from a document boundary."""
+def prompt_ids(tokenizer: Tokenizer, text: str, special: bool = False) -> list[int]:
+    """The ids generation starts from; an empty prompt starts from a document boundary. With
+    `special`, special-token strings in the text are those tokens (see Tokenizer.encode_special)."""
     if not is_text(text):
         raise MicroGPTError("the prompt is not valid text (it holds bytes that are not UTF-8); pass UTF-8 text")
     if text:
-        return tokenizer.encode(text)
+        return tokenizer.encode_special(text) if special else tokenizer.encode(text)
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]
     try:
