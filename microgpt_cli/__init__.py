@@ -1,7 +1,8 @@
 """microgpt: train small GPT language models on your own text, evaluate them, sample from them.
 
-The Python API mirrors the CLI: `prepare`, `train`, `evaluate`, `load_checkpoint`, `generate_text`,
-`generate_texts` (a batch), `stream_text` and `load_sampler` (a Sampler to draw from many times).
+The Python API mirrors the CLI: `prepare`, `train`, `evaluate`, `evaluate_tasks` (lm-evaluation-harness
+tasks), `load_checkpoint`, `generate_text`, `generate_texts` (a batch), `stream_text`, `load_sampler` (a
+Sampler to draw from many times) and `Scorer` (log-probabilities of given tokens).
 They are imported lazily so that `microgpt --help` does not wait for torch.
 """
 
@@ -14,12 +15,14 @@ _EXPORTS = {
     "prepare": "microgpt_cli.data.dataprep",
     "train": "microgpt_cli.training.loop",
     "evaluate": "microgpt_cli.infer.evaluation",
+    "evaluate_tasks": "microgpt_cli.infer.evaluation",
     "load_checkpoint": "microgpt_cli.io.checkpoint",
     "generate_text": "microgpt_cli.infer.sampling",
     "stream_text": "microgpt_cli.infer.sampling",
     "generate_texts": "microgpt_cli.infer.sampling",
     "load_sampler": "microgpt_cli.infer.sampling",
     "Sampler": "microgpt_cli.infer.sampling",
+    "Scorer": "microgpt_cli.infer.scoring",
     "ModelConfig": "microgpt_cli.config",
     "TrainConfig": "microgpt_cli.config",
     "GPT": "microgpt_cli.model.gpt",

@@ -21,15 +21,18 @@ import pytest
 import torch
 
 import microgpt_cli.infer
+from microgpt_cli.data.tokenizer import train_bpe, train_char
 from microgpt_cli.infer.engine import Engine
 from microgpt_cli.infer.evaluation import evaluate_tasks
 from microgpt_cli.infer.sampling import generate_text
 from microgpt_cli.infer.scoring import Scorer
+from microgpt_cli.io import checkpoint
 from microgpt_cli.io.checkpoint import load_checkpoint
 from microgpt_cli.io.export import export
 from microgpt_cli.io.pretrained import import_model
 
 from clitools import SHAKESPEARE, assert_one_error_line, hf_gpt2, microgpt, run_cli
+from conftest import tiny_model
 from test_serve import KEY, Served
 
 TASKS = ["shakespeare_mc", "shakespeare_ppl", "shakespeare_gen"]
@@ -277,3 +280,20 @@ def test_without_the_eval_extra_tasks_name_the_install_command(model: tuple[Path
     monkeypatch.delattr(microgpt_cli.infer, "harness", raising=False)
     code, _, err = run_cli(capsys, "eval", "-c", model[0], "--tasks", "hellaswag")
     assert_one_error_line(code, err, "pip install 'microgpt[eval]'", "pip install -e '.[eval]'")
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_tokenizers_without_an_end_of_text_token_read_documents_after_a_newline(
+        harness: Any, tasks: Path, tmp_path: Path, kind: str) -> None:
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    tokenizer = train_char([text]) if kind == "char" else train_bpe([text[:50_000]], 300)
+    gpt = tiny_model(tokenizer.vocab_size, context=32)
+    checkpoint.save(tmp_path / "model.pt", checkpoint.Checkpoint.of(gpt, tokenizer))
+    results = evaluate_tasks(tmp_path / "model.pt", ["shakespeare_ppl", "shakespeare_mc"], tasks, limit=3,
+                             device="cpu", log_samples=True)
+    assert results["results"]["shakespeare_mc"]["alias"] == "shakespeare_mc"
+    scorer = Scorer(Engine(gpt))
+    newline = tokenizer.encode("\n")[0]
+    for sample in results["samples"]["shakespeare_ppl"]:
+        (expected,) = scorer.rolling([tokenizer.encode(sample["doc"]["text"])], prefix=newline)
+        assert sample["resps"][0][0] == pytest.approx(expected.logprob, abs=1e-4)
