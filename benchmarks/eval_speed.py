@@ -82,7 +82,7 @@ def scoring_seconds(model: Any, tasks_dir: Path, task: str, batch_size: int) -> 
     from lm_eval.tasks import TaskManager
 
     # The same for both models, and no part of scoring: the environment report runs subprocesses.
-    lm_eval.evaluator.add_env_info = lambda results: None  # type: ignore[attr-defined]
+    lm_eval.evaluator.add_env_info = lambda results: None
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(model=model, tasks=[task], task_manager=manager, batch_size=batch_size,
