@@ -322,14 +322,22 @@ SAMPLING: dict[str, Field] = {
     "seed": (st.integers(0, 2**32), st.sampled_from([-1, 2**64]) | JUNK),
     "stream": (st.booleans(), JUNK),
     "stream_options": (st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}), JUNK),
+    "frequency_penalty": (st.floats(-2, 2), st.sampled_from([-2.5, 3.0, float("nan")]) | JUNK),
+    "presence_penalty": (st.floats(-2, 2), st.sampled_from([-2.5, 3.0, float("inf")]) | JUNK),
+    "echo": (st.booleans(), JUNK),  # completions only; chat ignores it
+    "logprobs": (st.integers(0, 5) | st.booleans(), st.sampled_from([-1, 6, 2**63]) | JUNK),  # chat's is a bool
+    "top_logprobs": (st.integers(0, 20), st.sampled_from([-1, 21]) | JUNK),
+    "best_of": (st.just(1), st.integers(2, 5) | JUNK),
 }
+IDS = st.lists(st.integers(0, 50256), min_size=1, max_size=8)  # GPT-2 token ids
 ROLES = st.sampled_from(["system", "user", "assistant", "developer", "tool"])
 MESSAGES = (st.lists(st.fixed_dictionaries({"role": ROLES, "content": TEXT}), min_size=1, max_size=3),
             st.lists(st.fixed_dictionaries({}, optional={"role": ROLES | st.just("robot") | JUNK,
                                                          "content": TEXT | st.text(max_size=20) | JUNK}), max_size=3)
             | JUNK)
 ENDPOINTS: dict[str, dict[str, Field]] = {
-    "/v1/completions": {"prompt": (TEXT | st.lists(TEXT, max_size=3), st.text(max_size=20) | JUNK)},
+    "/v1/completions": {"prompt": (TEXT | st.lists(TEXT, max_size=3) | IDS | st.lists(IDS, min_size=1, max_size=3),
+                                   st.text(max_size=20) | st.lists(st.sampled_from([-1, 50257, 2**40])) | JUNK)},
     "/v1/chat/completions": {"messages": MESSAGES},
 }
 
