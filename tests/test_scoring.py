@@ -64,6 +64,25 @@ def test_continuations_match_a_full_forward_in_any_batch(model: GPT) -> None:
         assert a.top == [[]] * len(a.logprobs)
 
 
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_answers_after_one_context_are_packed_and_score_what_they_score_alone(position: str) -> None:
+    """Four answers after one question are read as one row (the question once); each answer's
+    numbers are what it gets alone, in an unpacked forward, next to rows that are not packed."""
+    model = tiny_model(VOCAB, dropout=0.3, position=position)
+    g = torch.Generator().manual_seed(3)
+    question, other = random_ids(g, 6), random_ids(g, 9)
+    requests = [(question, random_ids(g, n)) for n in (3, 1, 4, 2)] + [(other, random_ids(g, 2))]
+    scorer = Scorer(Engine(model), batch_size=2)
+    sequences = [(ctx + cont, len(ctx)) for ctx, cont in requests]
+    windows = [w for r, (ids, first) in enumerate(sequences) for w in scorer._windows(r, ids, first, 16)]
+    assert [len(row.members) for row in scorer._pack(windows)] == [4, 1]  # the question is read once
+    packed = scorer.score(requests, top_k=2)
+    for request, result in zip(requests, packed):
+        (alone,) = scorer.score([request], top_k=2)
+        assert result.logprobs == pytest.approx(alone.logprobs, abs=1e-5) and result.greedy == alone.greedy
+        assert [i for i, _ in result.top[0]] == [i for i, _ in alone.top[0]]
+
+
 def test_rolling_scores_every_token_once_in_the_harness_windows(model: GPT) -> None:
     lm_eval_utils = pytest.importorskip("lm_eval.utils")
     g = torch.Generator().manual_seed(1)

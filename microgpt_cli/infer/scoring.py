@@ -14,10 +14,15 @@ k likeliest tokens at its position.
   where the last ended and its final window reaching back a full context. With the default
   stride these are exactly lm-evaluation-harness's rolling windows, so numbers compare with
   what it reports for other models; a smaller stride gives every token more context.
-- Batches. Windows of all requests are sorted by length and run `batch_size` at a time, padded
-  at the end only: a causal model never lets a token see the ones after it, so the padding
-  changes no result. The head runs only at the scored positions (a multiple-choice answer is a
-  few tokens of a long prompt), in chunks that bound the memory of the vocabulary-wide logits.
+- Shared prefixes. Windows that read the same tokens up to their first scored one (the four
+  answers of a multiple-choice question after its one context) are packed into one row: the
+  prefix once, then each window's own tokens, which see the prefix and their own earlier tokens
+  only and take the positions they would have alone (an attention mask and position ids, through
+  the model's cache interface). The prefix is read once instead of once per answer.
+- Batches. Rows are sorted by length and run `batch_size` at a time, padded at the end only: a
+  causal model never lets a token see the ones after it, so the padding changes no result. The
+  head runs only at the scored positions (an answer is a few tokens of a long prompt), in chunks
+  that bound the memory of the vocabulary-wide logits.
 - Numbers. The model is the engine's inference copy (eval mode, so no dropout; transposed fp32
   or int8 weights on CPU, bf16 on CUDA); log-probabilities are computed in float32 and summed in
   float64.
@@ -97,6 +102,48 @@ class _Window:
     targets: list[int]
 
 
+@dataclass
+class _Row:
+    """One sequence the model reads: one window, or several packed after their shared prefix."""
+
+    ids: list[int]
+    positions: list[int]  # each token's position: a packed window's tokens continue the prefix's
+    segments: list[int]  # 0 for the shared prefix, i for the tokens of the i-th window (from 1)
+    members: list[tuple[int, list[int]]]  # (window index, the columns that predict its targets)
+
+    @classmethod
+    def of(cls, index: int, window: _Window) -> _Row:
+        prefix = len(window.ids) - window.scored + 1
+        row = cls(window.ids[:prefix], list(range(prefix)), [0] * prefix, [])
+        row.add(index, window)
+        return row
+
+    def add(self, index: int, window: _Window) -> None:
+        """Add a window with this row's prefix: its tokens after the prefix go at the end."""
+        prefix = len(window.ids) - window.scored + 1
+        own = window.ids[prefix:]
+        start = len(self.ids)
+        self.ids += own
+        self.positions += range(prefix, prefix + len(own))
+        self.segments += [len(self.members) + 1] * len(own)
+        self.members.append((index, [prefix - 1, *range(start, start + len(own))]))
+
+
+class _PackedLayout:
+    """Positions and the attention mask of a batch of rows, for GPT.hidden's cache argument
+    (model.KVCache): a token sees the earlier tokens of its own segment and the shared prefix."""
+
+    def __init__(self, positions: torch.Tensor, segments: torch.Tensor):
+        self.positions = positions  # (B, T)
+        order = torch.arange(segments.size(1), device=segments.device)
+        causal = order[:, None] >= order[None, :]
+        visible = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+        self.mask: torch.Tensor | None = (causal & visible)[:, None]  # (B, 1, T, T); padding sees itself
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v  # nothing is cached
+
+
 class Scorer:
     """Scores token sequences with an engine's model, `batch_size` windows at a time."""
 
@@ -136,19 +183,34 @@ class Scorer:
             raise MicroGPTError(f"top_k must not be negative, got {top_k}")
         windows = [window for r, (ids, first) in enumerate(sequences)
                    for window in self._windows(r, list(ids), first, stride)]  # each request's in position order
-        by_length = sorted(range(len(windows)), key=lambda i: -len(windows[i].ids))
+        rows = self._pack(windows)
+        rows.sort(key=lambda row: -len(row.ids))
         outputs: dict[int, tuple[torch.Tensor, ...]] = {}
         total, done = sum(w.scored for w in windows), 0
-        for at in range(0, len(by_length), self.batch_size):
-            batch = by_length[at : at + self.batch_size]
-            outputs.update(zip(batch, self._run([windows[i] for i in batch], top_k), strict=True))
-            done += sum(windows[i].scored for i in batch)
+        for at in range(0, len(rows), self.batch_size):
+            batch = rows[at : at + self.batch_size]
+            outputs.update(self._run(batch, windows, top_k))
+            done += sum(windows[i].scored for row in batch for i, _ in row.members)
             if on_progress is not None:
                 on_progress(done, total)
         results: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in sequences]
         for i, window in enumerate(windows):
             results[window.request].append(outputs[i])
         return [self._collect(parts) for parts in results]
+
+    def _pack(self, windows: list[_Window]) -> list[_Row]:
+        """Rows of the windows, those with the same prefix packed together up to a context's length."""
+        open_rows: dict[tuple[int, ...], _Row] = {}
+        rows = []
+        for i, window in enumerate(windows):
+            prefix = tuple(window.ids[: len(window.ids) - window.scored + 1])
+            row = open_rows.get(prefix)
+            if row is not None and len(row.ids) + window.scored - 1 <= self.context:
+                row.add(i, window)
+                continue
+            open_rows[prefix] = _Row.of(i, window)
+            rows.append(open_rows[prefix])
+        return rows
 
     def _windows(self, request: int, ids: list[int], first: int, stride: int) -> list[_Window]:
         if not 1 <= first <= len(ids):
@@ -160,28 +222,35 @@ class Scorer:
         return windows
 
     @torch.inference_mode()
-    def _run(self, batch: list[_Window], top_k: int) -> list[tuple[torch.Tensor, ...]]:
-        """(log-probabilities, greedy flags, top ids, top log-probabilities) of each window's
-        scored positions."""
-        length = max(len(w.ids) for w in batch)
+    def _run(self, batch: list[_Row], windows: list[_Window], top_k: int) -> dict[int, tuple[torch.Tensor, ...]]:
+        """(log-probabilities, greedy flags, top ids, top log-probabilities) of the scored positions
+        of each window in the batch's rows, by window index."""
+        length = max(len(row.ids) for row in batch)
         ids = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, window in enumerate(batch):
-            ids[row, : len(window.ids)] = torch.tensor(window.ids)
-        hidden = self.model.hidden(ids.to(self.device))  # (B, T, C)
-        rows = torch.cat([torch.full((w.scored,), row) for row, w in enumerate(batch)])
-        columns = torch.cat([torch.arange(len(w.ids) - w.scored, len(w.ids)) for w in batch])
-        targets = torch.tensor([t for w in batch for t in w.targets], device=self.device)
-        scored = hidden[rows.to(self.device), columns.to(self.device)]  # (N, C)
-        vocab = self.model.config.vocab_size
-        step = max(1, LOGITS_ELEMENTS // vocab)
+        positions = torch.zeros_like(ids)
+        segments = torch.full_like(ids, -1)
+        for r, row in enumerate(batch):
+            ids[r, : len(row.ids)] = torch.tensor(row.ids)
+            positions[r, : len(row.ids)] = torch.tensor(row.positions)
+            segments[r, : len(row.ids)] = torch.tensor(row.segments)
+        layout = None
+        if any(len(row.members) > 1 for row in batch):
+            layout = _PackedLayout(positions.to(self.device), segments.to(self.device))
+        hidden = self.model.hidden(ids.to(self.device), cache=layout)  # (B, T, C)
+        members = [(r, index, columns) for r, row in enumerate(batch) for index, columns in row.members]
+        rows = torch.tensor([r for r, _, columns in members for _ in columns], device=self.device)
+        columns = torch.tensor([c for _, _, cs in members for c in cs], device=self.device)
+        targets = torch.tensor([t for _, index, _ in members for t in windows[index].targets], device=self.device)
+        scored = hidden[rows, columns]  # (N, C)
+        step = max(1, LOGITS_ELEMENTS // self.model.config.vocab_size)
         parts = []
         for at in range(0, scored.size(0), step):
             parts.append(logprob_columns(self.model.logits(scored[at : at + step]), targets[at : at + step], top_k))
         flat = [torch.cat(column).cpu() for column in zip(*parts, strict=True)]
-        out, at = [], 0
-        for window in batch:
-            out.append(tuple(t[at : at + window.scored] for t in flat))
-            at += window.scored
+        out, at = {}, 0
+        for _, index, cs in members:
+            out[index] = tuple(t[at : at + len(cs)] for t in flat)
+            at += len(cs)
         return out
 
     @staticmethod
