@@ -202,6 +202,18 @@ def test_the_openai_client_gets_echo_and_logprobs_equal_to_the_engine(server: In
     assert content is not None and "".join(c.token for c in content).startswith(chat.choices[0].message.content or "")
     assert all(len(c.top_logprobs) == 2 and c.logprob == c.top_logprobs[0].logprob for c in content)
 
+    # Streamed, the chunks carry the same text and log-probabilities, the echoed prompt's first.
+    whole = client.completions.create(model="model", prompt=prompt[:40], max_tokens=8, temperature=0, echo=True,
+                                      logprobs=1).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(model="model", prompt=prompt[:40], max_tokens=8,
+                                                              temperature=0, echo=True, logprobs=1, stream=True)]
+    assert chunks[0].text == prompt[:40] and "".join(c.text for c in chunks) == whole.text
+    streamed = [lp for c in chunks if c.logprobs for lp in zip(c.logprobs.tokens or [], c.logprobs.token_logprobs or [],
+                                                                c.logprobs.text_offset or [])]
+    assert whole.logprobs is not None and streamed == list(zip(whole.logprobs.tokens or [],
+                                                               whole.logprobs.token_logprobs or [],
+                                                               whole.logprobs.text_offset or []))
+
 
 def test_penalties_tokenize_and_unsupported_parameters(server: InProcess, model: tuple[Path, Path]) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
