@@ -67,7 +67,7 @@ app = typer.Typer(
 
 # Environment variables for the paths and device that most commands share. Precedence, highest
 # first: command-line flag, environment variable, --config file, --preset, built-in default.
-DATA_ENV, OUT_ENV, DEVICE_ENV = "MICROGPT_DATA", "MICROGPT_OUT", "MICROGPT_DEVICE"
+DATA_ENV, OUT_ENV, DEVICE_ENV, THREADS_ENV = "MICROGPT_DATA", "MICROGPT_OUT", "MICROGPT_DEVICE", "MICROGPT_THREADS"
 API_KEY_ENV = "MICROGPT_API_KEY"
 
 CheckpointOpt = Annotated[
@@ -80,6 +80,10 @@ H = "Benchmark tasks (lm-evaluation-harness)"  # a help panel of eval
 QuantizeOpt = Annotated[Quantize, typer.Option(
     help="Weights on CPU: none (fp32, exact) or int8 (weight-only int8 linear layers: faster, slightly less "
          "accurate; see the README). CUDA always decodes with bf16 weights.")]
+DecodeThreadsOpt = Annotated[int, typer.Option(
+    "--threads", envvar=THREADS_ENV, help="The most CPU threads a call uses: each prompt and decoding step runs "
+    "with the number, up to this, measured fastest at the moment (fewer when the machine is busy; 0: one per "
+    "core).")]
 _TOML_TYPES: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,)}
 
 
@@ -200,6 +204,8 @@ def prepare(
     )] = False,
     errors: Annotated[ErrorMode, typer.Option(
         help="Invalid UTF-8: strict stops with the file and byte offset, replace substitutes U+FFFD.")] = "strict",
+    threads: Annotated[int, typer.Option(
+        envvar=THREADS_ENV, help="Threads that tokenize at once (0: one per CPU).")] = 0,
 ) -> None:
     """Tokenize text into a data dir (train.bin, val.bin, meta.json) for `microgpt train`."""
     import signal
@@ -228,6 +234,7 @@ def prepare(
             meta = prepare_data(
                 inputs or [], out, sample=sample, tokenizer=tokenizer, vocab_size=vocab_size,
                 val_fraction=val_fraction, force=force, errors=errors, on_total=set_total, on_progress=progress,
+                threads=threads,
             )
     except KeyboardInterrupt:
         kept = f"{out} is as it was" if out.exists() else f"{out} was not created"
@@ -296,7 +303,7 @@ def train(
     device: Annotated[str, _train("device", envvar=DEVICE_ENV)] = default_of(TrainConfig, "device"),
     init_from: Annotated[str, _train("init_from")] = default_of(TrainConfig, "init_from"),
     compile: Annotated[bool, _train("compile")] = default_of(TrainConfig, "compile"),
-    threads: Annotated[int, _train("threads")] = default_of(TrainConfig, "threads"),
+    threads: Annotated[int, _train("threads", envvar=THREADS_ENV)] = default_of(TrainConfig, "threads"),
     n_layer: Annotated[int, _model("n_layer")] = default_of(ModelConfig, "n_layer"),
     n_head: Annotated[int, _model("n_head")] = default_of(ModelConfig, "n_head"),
     n_embed: Annotated[int, _model("n_embed")] = default_of(ModelConfig, "n_embed"),
@@ -364,6 +371,8 @@ def eval_command(
         rich_help_panel=H, show_default=False)] = None,
     quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
+    threads: Annotated[int, typer.Option(
+        envvar=THREADS_ENV, help="CPU threads torch scores with (0: torch's default, one per core).")] = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Score a checkpoint on every token of the validation split (or a text file), exactly once; or on
@@ -400,7 +409,7 @@ def eval_command(
                 task.update(done, total=total)
 
         result = evaluate(checkpoint, data, text, batch_size, device, on_progress=progress, skip_unknown=skip_unknown,
-                          quantize=quantize)
+                          quantize=quantize, threads=threads)
     if json_output:
         typer.echo(json.dumps(result.to_dict()))
         return
@@ -462,6 +471,7 @@ def generate(
         SamplingSettings, "presence_penalty"),
     quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
+    threads: DecodeThreadsOpt = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Continue a prompt with a trained model, streaming the text to stdout as it is sampled."""
@@ -478,13 +488,11 @@ def generate(
         raise MicroGPTError(f"--num-samples must be between 1 and {MAX_SLOTS:,}, got {num_samples:,}")
     settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed, frequency_penalty, presence_penalty)
     start_text = read_text(prompt_file) if prompt_file is not None else prompt or ""
-    sampler = load_sampler(checkpoint, device=device, slots=num_samples, quantize=quantize)
+    sampler = load_sampler(checkpoint, device=device, slots=num_samples, quantize=quantize, threads=threads)
     batch = sampler.batch([start_text] * num_samples, settings)  # a bad prompt fails here, before any output
-    dtype = str(sampler.engine.model.tok_emb.weight.dtype).removeprefix("torch.")
-    weights = "int8 weights" if quantize == "int8" else f"{dtype} weights"
     stderr.print(
         f"[dim]{escape(str(resolve_path(checkpoint)))}: {sampler.engine.num_params / 1e6:.2f}M parameters, "
-        f"{escape(sampler.tokenizer.name)} tokenizer, on {sampler.engine.device} ({weights})[/]",
+        f"{escape(sampler.tokenizer.name)} tokenizer, on {sampler.engine.device} ({sampler.engine.weights} weights)[/]",
         highlight=False, soft_wrap=True,
     )
     # The first sample streams as it is sampled; the others, decoded alongside, follow it.
@@ -556,6 +564,7 @@ def serve(
     max_body_bytes: Annotated[int, _serve("max_body_bytes")] = default_of(ServeSettings, "max_body_bytes"),
     quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
+    threads: DecodeThreadsOpt = 0,
 ) -> None:
     """Serve a checkpoint over HTTP: an OpenAI-compatible API under /v1 and a web playground at /."""
     from microgpt_cli.serve.server import serve as run_server
@@ -568,7 +577,7 @@ def serve(
     def announce(line: str) -> None:
         stderr.print(escape(line), highlight=False, soft_wrap=True)
 
-    run_server(checkpoint, settings, device, quantize, announce)
+    run_server(checkpoint, settings, device, quantize, announce, threads)
     stderr.print("stopped", highlight=False)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -38,6 +39,18 @@ TRAIN_LIMITS = {
     "muon_lr": 1e30, "weight_decay": 1e3, "grad_clip": 1e30, "warmup_steps": 10**15, "eval_interval": 10**15,
     "eval_tokens": 2**62, "log_interval": 10**15, "seed": MAX_SEED, "threads": MAX_THREADS,
 }
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_threads(threads: int | None) -> int | None:
+    """A `--threads` value as the library takes it: None (or 0) for the default, else 1 to MAX_THREADS."""
+    if threads is not None and not 0 <= threads <= MAX_THREADS:
+        raise MicroGPTError(f"--threads must be between 0 and {MAX_THREADS}, got {threads}")
+    return threads or None
 
 
 class InvalidSetting(MicroGPTError):

@@ -28,6 +28,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `threads` inside the block (unchanged for None), restored after."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """bf16 autocast on CUDA only: CPUs without bf16 matmul units run bf16 ~100x slower than fp32."""
     if device.type == "cuda":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,12 +14,17 @@ import torch
 
 from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.infer.engine import Engine, RowMajorLinear, inference_model
+from microgpt_cli.infer import weights
+from microgpt_cli.infer.engine import GROW_STEP, Engine, RowMajorLinear, inference_model
 from microgpt_cli.infer.evaluation import evaluate
 from microgpt_cli.infer.sampling import generate_text
+from microgpt_cli.infer.threads import ThreadChooser
+from microgpt_cli.infer.weights import ColumnEmbedding, PackedLinear, SourceLinear, onednn_linear
+from microgpt_cli.io import checkpoint
+from microgpt_cli.model.gpt import BLOCK_MATRICES, block_param
 
-from clitools import microgpt
-from conftest import tiny_model
+from clitools import assert_one_error_line, microgpt, run_cli
+from conftest import TINY_TEXT, tiny_model
 
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
@@ -111,3 +119,143 @@ def test_quantize_is_checked(char_tokenizer: Tokenizer) -> None:
         Engine(model, slots=0)
     with pytest.raises(MicroGPTError, match="CUDA graphs need a CUDA device"):
         Engine(model, graphs=True)
+
+
+# --- layouts, memory and threads (CPU inference speed, issue 24) ----------------------------
+
+
+def greedy_alone(engine: Engine, ids: list[int], steps: int) -> list[int]:
+    with torch.inference_mode():
+        logits = engine.prefill(0, ids)[None]
+        out = []
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            out.append(int(token))
+            logits = engine.step(token)
+    return out
+
+
+def test_both_fp32_layouts_decode_the_models_greedy_tokens_past_the_context() -> None:
+    """One sample decodes with transposed weights, several with oneDNN-packed ones and the tied
+    head read from the embedding itself: on a GPT-2-vocabulary model, rows of different lengths
+    (one longer than the context) decoded together give what each gives alone, and that is the
+    original model's greedy choice, uncached, while the sequence fits the window."""
+    model = tiny_model(50257, n_embed=32)
+    context, steps = model.config.context, 3 * model.config.context
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prompts = [list(range(100, 100 + n)) for n in (3, 9, context + 4)]
+    alone = Engine(model, 1)
+    batch = Engine(model, len(prompts))
+    assert isinstance(alone.model.head, RowMajorLinear) and isinstance(alone.model.tok_emb, ColumnEmbedding)
+    if onednn_linear():
+        assert isinstance(batch.model.head, SourceLinear)
+        assert isinstance(batch.model.get_submodule("blocks.0.attn.qkv"), PackedLinear)
+        assert batch.model.head.weight.data_ptr() == batch.model.tok_emb.weight.data_ptr()  # one tensor for both
+    expected = [greedy_alone(alone, ids, steps) for ids in prompts]
+    with torch.inference_mode():
+        logits = torch.stack([batch.prefill(row, ids) for row, ids in enumerate(prompts)])
+        together: list[list[int]] = [[] for _ in prompts]
+        for _ in range(steps):
+            tokens = logits.argmax(-1)
+            for row, token in enumerate(tokens.tolist()):
+                together[row].append(token)
+            logits = batch.step(tokens)
+    assert together == expected
+    with torch.inference_mode():
+        seq = torch.tensor([prompts[0]])
+        for _ in range(context - len(prompts[0])):
+            seq = torch.cat((seq, model(seq)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert expected[0][: context - 3] == seq[0, 3:].tolist()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # the caller's model
+
+
+def test_without_onednn_every_layout_is_the_transposed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch built without oneDNN (ARM, some custom builds) decodes batches with the
+    transposed weights, to the same tokens."""
+    model = tiny_model(50257, n_embed=32)
+    packed = greedy_alone(Engine(model, 2), [5, 6, 7], 20)
+    monkeypatch.setattr(weights, "onednn_linear", lambda: False)
+    plain = Engine(model, 2)
+    assert not any(isinstance(m, (PackedLinear, SourceLinear)) for m in plain.model.modules())
+    assert greedy_alone(plain, [5, 6, 7], 20) == packed
+
+
+def test_the_cache_grows_with_the_tokens_in_use() -> None:
+    model = tiny_model(40, context=2 * GROW_STEP, n_embed=16)
+    engine = Engine(model, slots=2)
+    full = 2 * model.config.n_layer * 2 * model.config.context * 16 * 4  # keys and values, both slots, whole context
+
+    def cache_bytes() -> int:
+        return sum(t.nbytes for t in engine.cache.keys + engine.cache.values)
+
+    with torch.inference_mode():
+        engine.prefill(0, [1, 2, 3, 4, 5])
+        engine.fork(0, [1])
+        assert cache_bytes() == full // 2
+        logits = engine.step(torch.tensor([6, 7]))
+        for _ in range(GROW_STEP):
+            logits = engine.step(logits.argmax(-1))
+        assert engine.lengths == [5 + 1 + GROW_STEP] * 2 and cache_bytes() == full
+        for _ in range(GROW_STEP + 10):  # past the context: the window slides, the cache stays the context's
+            logits = engine.step(logits.argmax(-1))
+        assert max(engine.lengths) < model.config.context and cache_bytes() == full
+
+
+def test_a_loaded_checkpoint_is_never_held_twice(make_checkpoint: Callable[..., Path]) -> None:
+    """The loader's model holds the checkpoint's tensors themselves (built on the meta device),
+    and an engine given it in place converts it layer by layer: the fp32 weights it replaced are
+    freed, not kept beside the new layout."""
+    path = make_checkpoint(position="rope", qk_norm=True)
+    state = checkpoint.load(path)
+    model = state.build_model()
+    assert model.get_buffer("rope_cos").device.type == "cpu"  # unsaved buffers are real, not meta
+    assert model.tok_emb.weight.data_ptr() == state.model["tok_emb.weight"].data_ptr()
+    reference = tiny_model(model.config.vocab_size, position="rope", qk_norm=True)
+    idx = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(model(idx), reference(idx))
+    del state
+    replaced = [weakref.ref(model.get_parameter(block_param(0, name))) for name in BLOCK_MATRICES]
+    engine = Engine(model, slots=2, in_place=True)
+    gc.collect()
+    assert engine.model is model and all(ref() is None for ref in replaced)
+    with torch.inference_mode():
+        torch.testing.assert_close(engine.model(idx), reference(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_the_thread_chooser_runs_the_faster_count_and_tries_the_other_again() -> None:
+    """A call that is 4x slower with 2 threads than with 1 (as on a busy machine) runs with 1,
+    and 2 is tried again now and then, more rarely the worse it was."""
+    chooser = ThreadChooser(2)
+    used = []
+
+    def work() -> None:
+        used.append(torch.get_num_threads())
+        time.sleep(0.004 if torch.get_num_threads() == 2 else 0.001)
+
+    threads = torch.get_num_threads()
+    for _ in range(300):
+        chooser.run("step", work)
+    assert torch.get_num_threads() == threads  # the caller's setting is left as it was
+    assert used[-50:].count(1) >= 48
+    assert 2 <= used[3:].count(2) <= 8  # retried: every ~24 x 4 calls
+
+
+def test_threads_option_and_environment_variable(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                 make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    ckpt = make_checkpoint()
+    code, out, _ = run_cli(capsys, "generate", "-c", ckpt, "--prompt", "Hello", "--length", "20", "--threads", "1",
+                           "--seed", "3", "--device", "cpu")
+    assert code == 0 and out == generate_text(ckpt, "Hello", 20, seed=3, device="cpu") + "\n"
+    monkeypatch.setenv("MICROGPT_THREADS", "100000")
+    for command in (["generate", "-c", ckpt], ["eval", "-c", ckpt, "--text", ckpt], ["serve", "-c", ckpt],
+                    ["prepare", "--sample", "tinyshakespeare", "--out", tmp_path / "d"]):
+        assert_one_error_line(*run_cli(capsys, *command)[::2], "--threads must be between 0 and 1024")
+    monkeypatch.delenv("MICROGPT_THREADS")
+    text = tmp_path / "in.txt"
+    text.write_text(TINY_TEXT * 40, encoding="utf-8")
+    for threads in ("1", "3"):
+        code, _, err = run_cli(capsys, "prepare", text, "--tokenizer", "char", "--out", tmp_path / threads,
+                               "--threads", threads)
+        assert code == 0, err
+    assert (tmp_path / "1" / "train.bin").read_bytes() == (tmp_path / "3" / "train.bin").read_bytes()

@@ -71,8 +71,9 @@ def test_every_setting_is_an_option_with_the_fields_default_help_and_choices(
     extra = set(options) - {f.name for f in dataclasses.fields(cls)}
     expected_extra = {"train": {"config", "preset", "resume", "force"} | {f.name for f in dataclasses.fields(
         TrainConfig if cls is ModelConfig else ModelConfig)} - {"vocab_size"},
-        "generate": {"checkpoint", "prompt", "prompt_file", "num_samples", "quantize", "device", "config"},
-        "serve": {"checkpoint", "quantize", "device"}}[cmd]
+        "generate": {"checkpoint", "prompt", "prompt_file", "num_samples", "quantize", "device", "threads",
+                     "config"},
+        "serve": {"checkpoint", "quantize", "device", "threads"}}[cmd]
     assert extra == expected_extra
 
 

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Literal, get_args
 
 import numpy as np
 
+from microgpt_cli.config import available_cpus, check_threads
 from microgpt_cli.data import tokenizer as tok_lib
 from microgpt_cli.data.dataset import META_FILE, META_VERSION, SPLITS
 from microgpt_cli.errors import MicroGPTError, describe_os_error
@@ -77,6 +78,7 @@ def prepare(
     on_total: Callable[[int], None] | None = None,
     stdin: BinaryIO | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize text files (or "-" for stdin), and the packaged `sample` corpus if named, into
     `out`/{train,val}.bin and meta.json; returns meta.
@@ -86,11 +88,13 @@ def prepare(
     `on_total(n)` is called once with the bytes to process (inputs times passes: char and bpe
     read the corpus twice), then `on_progress(done)` as they are processed. Everything is written
     to a hidden temp dir beside `out` and renamed into place at the end, so an error or Ctrl-C
-    leaves `out` as it was; an existing `out` is only replaced with `force`.
+    leaves `out` as it was; an existing `out` is only replaced with `force`. `threads` encode
+    chunks at once (default: one per CPU this process may use).
     """
     started = time.monotonic()
     out = Path(out)
     _check_options(out, tokenizer, vocab_size, val_fraction, force, errors)
+    threads = check_threads(threads) or available_cpus()
     try:
         files = _resolve_inputs(inputs, out, sample)
         tok = None if tok_lib.needs_corpus(tokenizer) else tok_lib.named(tokenizer)
@@ -106,7 +110,7 @@ def prepare(
                 texts = (text for _, text, _ in _read_texts(sources, errors, chunk_bytes, progress))
                 tok = _build_tokenizer(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE, texts)
             dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
-            splits, chars = _write_splits(tok, sources, tmp, dtype, errors, chunk_bytes, progress)
+            splits, chars = _write_splits(tok, sources, tmp, dtype, errors, chunk_bytes, progress, threads)
             tokens = sum(s["tokens"] for s in splits.values())
             meta = {
                 "version": META_VERSION,
@@ -356,12 +360,11 @@ def _build_tokenizer(name: str, vocab_size: int, texts: Iterable[str]) -> tok_li
 
 
 def _write_splits(tok: tok_lib.Tokenizer, sources: list[_Source], tmp: Path, dtype: str, errors: str,
-                  chunk_bytes: int, progress: _Progress) -> tuple[dict[str, dict[str, int]], int]:
+                  chunk_bytes: int, progress: _Progress, threads: int) -> tuple[dict[str, dict[str, int]], int]:
     """Encode every chunk on a thread pool (tiktoken releases the GIL) while the next ones are read,
     writing ids in order; returns the per-split counts and the number of characters."""
     splits = {split: {"tokens": 0, "bytes": 0} for split in SPLITS}
     chars = 0
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     in_flight: deque[tuple[str, Future[np.ndarray]]] = deque()
     texts = _read_texts(sources, errors, chunk_bytes, progress, hash_inputs=True)
     with ExitStack() as stack:

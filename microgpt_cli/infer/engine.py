@@ -15,33 +15,44 @@ and the server.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from microgpt_cli.config import ModelConfig
+from microgpt_cli.config import ModelConfig, check_threads
 from microgpt_cli.device import free_memory
 from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.infer.threads import ThreadChooser
+from microgpt_cli.infer.weights import RowMajorLinear, inference_model
 from microgpt_cli.model.gpt import GPT
+
+__all__ = ["MAX_SLOTS", "Engine", "RowMajorLinear", "SlotCache", "inference_model", "make_generators", "sample_next"]
 
 GREEDY_BELOW = 1e-30  # temperatures under this sample as 0 does: float32 cannot divide by much less
 MAX_SLOTS = 1024
+GROW_STEP = 128  # cache positions added at a time
 
 
 class SlotCache:
     """Keys and values of every layer for `slots` sequences (implements model.KVCache).
 
-    Preallocated at the full context, so a step writes one position per sequence instead of
-    growing tensors. Before each forward the engine says what it is: a prefill of one slot from
-    position 0, or a step of slots 0..n-1, each at its own position."""
+    Each layer's tensors, (slots, heads, positions, head size), hold the positions in use rounded
+    up to GROW_STEP, and grow (one layer at a time) as the sequences do, up to the context: a
+    short sample never pays for a cache of the whole context. With `grow=False` (CUDA graphs,
+    which replay fixed addresses) they hold the whole context from the start. Before each
+    forward the engine says what it is: a prefill of one slot from position 0, or a step of slots
+    0..n-1, each at its own position."""
 
-    def __init__(self, config: ModelConfig, slots: int, device: torch.device, dtype: torch.dtype):
-        shape = (config.n_layer, slots, config.n_head, config.context, config.head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, config: ModelConfig, slots: int, device: torch.device, dtype: torch.dtype, grow: bool = True):
+        self.shape = (slots, config.n_head, 0, config.head_size)
+        self.context = config.context
+        self.device, self.dtype = device, dtype
+        self.keys = [self._empty(0) for _ in range(config.n_layer)]
+        self.values = [self._empty(0) for _ in range(config.n_layer)]
+        self.capacity = 0
+        self.reserve(GROW_STEP if grow else config.context)
+        self.grow = grow
         self.key_index = torch.arange(config.context, device=device)
         self.row_index = torch.arange(slots, device=device)
         self.positions = self.key_index[:0].unsqueeze(0)
@@ -50,22 +61,45 @@ class SlotCache:
         self._span = 0
         self._write_at: torch.Tensor | None = None  # (n,) positions of a step; None for a prefill
 
+    def _empty(self, positions: int) -> torch.Tensor:
+        # Zeros, not empty memory: a row shorter than the step's span reads (masked) positions past
+        # its own, and NaN bits there would survive the mask.
+        return torch.zeros((*self.shape[:2], positions, *self.shape[3:]), device=self.device, dtype=self.dtype)
+
+    def reserve(self, positions: int) -> None:
+        """Make room for `positions` positions per slot."""
+        if positions <= self.capacity:
+            return
+        capacity = min(self.context, -(-positions // GROW_STEP) * GROW_STEP)
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                new = self._empty(capacity)
+                new[:, :, : self.capacity] = old
+                store[layer] = new
+        self.capacity = capacity
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        for store in (self.keys, self.values):
+            for tensor in store:
+                tensor[target, :, :length] = tensor[source, :, :length]
+
     def for_prefill(self, slot: int, length: int) -> SlotCache:
         self._rows, self._span, self._write_at, self.mask = slice(slot, slot + 1), length, None, None
         self.positions = self.key_index[:length].unsqueeze(0)
         return self
 
-    def for_step(self, positions: torch.Tensor, span: int) -> SlotCache:
+    def for_step(self, positions: torch.Tensor, span: int, masked: bool = True) -> SlotCache:
         """A step of slots 0..n-1 (n = len(positions)), attending to the first `span` cache
-        positions, of which each row sees those up to its own."""
+        positions, of which each row sees those up to its own (`masked` False: every row is at
+        position span - 1, so all of them)."""
         n = positions.size(0)
         self._rows, self._span, self._write_at = slice(0, n), span, positions
         self.positions = positions.unsqueeze(1)  # (n, 1)
-        self.mask = (self.key_index[:span].unsqueeze(0) <= self.positions).view(n, 1, 1, span)
+        self.mask = (self.key_index[:span].unsqueeze(0) <= self.positions).view(n, 1, 1, span) if masked else None
         return self
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.keys[layer, self._rows], self.values[layer, self._rows]  # views, (n, nh, context, hs)
+        keys, values = self.keys[layer][self._rows], self.values[layer][self._rows]  # views, (n, nh, capacity, hs)
         if self._write_at is None:
             keys[:, :, : k.size(2)] = k
             values[:, :, : v.size(2)] = v
@@ -76,59 +110,17 @@ class SlotCache:
         return keys[:, :, : self._span], values[:, :, : self._span]
 
 
-class RowMajorLinear(nn.Module):
-    """nn.Linear for decoding on CPU, with its weight stored transposed and contiguous: a few
-    tokens' matrix product then runs as a row-major GEMM, about 2x faster than the BLAS
-    matrix-vector kernel nn.Linear reaches (measured on the GPT-2-vocabulary head: 7 vs 15 ms)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight_t = linear.weight.detach().t().contiguous()  # (in, out)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight_t
-        return y if self.bias is None else y + self.bias
-
-
-def replace_linears(model: nn.Module, make: type[nn.Module]) -> None:
-    """Replace every nn.Linear in `model` by `make(linear)`, in place."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, make(child))
-
-
-def inference_model(model: GPT, quantize: str | None = None) -> GPT:
-    """A copy of `model` to decode with (the caller's model is never changed): on CPU with
-    RowMajorLinear layers (or int8 ones), on CUDA in bf16."""
-    device = model.tok_emb.weight.device
-    quantize = None if quantize == "none" else quantize
-    if quantize not in (None, "int8"):
-        raise MicroGPTError(f"unknown quantize {quantize!r}; use none or int8")
-    if quantize is not None and device.type != "cpu":
-        raise MicroGPTError(f"--quantize {quantize} runs on CPU only; on {device.type} the engine decodes "
-                            "with bf16 weights already")
-    fast = copy.deepcopy(model).eval()
-    for p in fast.parameters():
-        p.requires_grad_(False)
-    if device.type == "cuda":
-        return fast.to(torch.bfloat16)
-    if device.type != "cpu":
-        return fast
-    if quantize == "int8":
-        from microgpt_cli.model.quantize import quantize_int8
-
-        return quantize_int8(fast)  # type: ignore[return-value]
-    replace_linears(fast, RowMajorLinear)
-    return fast
-
-
 class Engine:
     """A model ready to decode up to `slots` sequences at once.
 
     `prefill(slot, ids)` starts the sequence of a slot; `step(tokens)` appends one token to each
     of slots 0..n-1 and returns their next-token logits. Logits are float32 on every device.
+    `model` is the converted model itself: `model(idx)` is an uncached forward, logits (B, T, vocab).
+
+    The caller's `model` is left as it is, unless `in_place` (it was loaded for the engine alone):
+    then it is converted itself, so the weights are never held twice. On CPU each call runs with
+    the number of threads, up to `threads` (default: torch's), that has been fastest for it
+    (see threads.py).
 
     Positions never go past the context the model was trained on. When a sequence fills the
     window, its newest `context // 2` tokens (the new one included) are re-prefilled from
@@ -137,16 +129,22 @@ class Engine:
     keeps at least half a window of history; each slot slides on its own schedule, so a
     sequence decodes the same whether or not others share its batch."""
 
-    def __init__(self, model: GPT, slots: int = 1, quantize: str | None = None, graphs: bool | None = None):
+    def __init__(self, model: GPT, slots: int = 1, quantize: str | None = None, graphs: bool | None = None, *,
+                 in_place: bool = False, threads: int | None = None):
         if not 1 <= slots <= MAX_SLOTS:
             raise MicroGPTError(f"the batch must hold 1 to {MAX_SLOTS:,} sequences, got {slots:,}")
+        most = check_threads(threads) or torch.get_num_threads()
         self.config = model.config
         self.num_params = model.num_params()
-        self.model = inference_model(model, quantize)
-        weight = self.model.tok_emb.weight
-        self.device = weight.device
+        self.device = model.tok_emb.weight.device
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise MicroGPTError("CUDA graphs need a CUDA device")
+        self.model = inference_model(model, quantize, in_place, slots)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.weights = "int8" if quantize == "int8" else str(dtype).removeprefix("torch.")
         c = self.config
-        cache_bytes = 2 * c.n_layer * slots * c.context * c.n_embed * weight.element_size()
+        cache_bytes = 2 * c.n_layer * slots * c.context * c.n_embed * dtype.itemsize
         free = free_memory(self.device)
         if free is not None and cache_bytes > free:
             raise MicroGPTError(f"a batch of {slots:,} sequences needs {cache_bytes / 1e9:,.1f} GB of KV cache, more "
@@ -154,13 +152,11 @@ class Engine:
         self.slots = slots
         self.context = self.config.context
         self.keep = max(1, self.context // 2)
-        self.cache = SlotCache(self.config, slots, self.device, weight.dtype)
+        self.cache = SlotCache(self.config, slots, self.device, dtype, grow=not self.graphs)
         self.lengths = [0] * slots  # tokens each slot's cache holds, mirrored on the device:
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.history = torch.zeros((slots, self.context), dtype=torch.long, device=self.device)  # to slide
-        self.graphs = self.device.type == "cuda" if graphs is None else graphs
-        if self.graphs and self.device.type != "cuda":
-            raise MicroGPTError("CUDA graphs need a CUDA device")
+        self.threads = ThreadChooser(most if self.device.type == "cpu" else 1)
         self._captured: dict[int, _CapturedStep] = {}
 
     @torch.inference_mode()
@@ -170,7 +166,10 @@ class Engine:
         if ids.numel() == 0:
             raise ValueError("prefill needs at least one token")
         length = ids.numel()
-        logits = self.model(ids.unsqueeze(0), cache=self.cache.for_prefill(slot, length))[0, -1]
+        self.cache.reserve(length)
+        cache = self.cache.for_prefill(slot, length)
+        logits = self.threads.run("prefill", lambda: self.model(ids.unsqueeze(0), cache=cache, last_only=True)[0, -1],
+                                  length)
         self.history[slot, :length] = ids
         self._set_length(slot, length)
         return logits.float()
@@ -179,8 +178,7 @@ class Engine:
     def fork(self, source: int, targets: Sequence[int]) -> None:
         """Copy the sequence of slot `source` into the `targets` slots (one prompt, many samples)."""
         for target in targets:
-            for store in (self.cache.keys, self.cache.values):
-                store[:, target] = store[:, source]
+            self.cache.copy_slot(source, target, self.lengths[source])
             self.history[target] = self.history[source]
             self._set_length(target, self.lengths[source])
 
@@ -197,17 +195,22 @@ class Engine:
                 self._captured[n] = _CapturedStep(self, n)
             logits = self._captured[n](tokens)
         else:
-            logits = self.forward_step(tokens, max(self.lengths[:n]) + 1)
+            lengths = self.lengths[:n]
+            span = max(lengths) + 1
+            self.cache.reserve(span)
+            masked = min(lengths) + 1 < span
+            logits = self.threads.run(("step", n), lambda: self.forward_step(tokens, span, masked))
         self.positions[:n] += 1
         for row in range(n):
             self.lengths[row] += 1
         return logits
 
-    def forward_step(self, tokens: torch.Tensor, span: int) -> torch.Tensor:
+    def forward_step(self, tokens: torch.Tensor, span: int, masked: bool = True) -> torch.Tensor:
         """The model over one new token per slot 0..n-1, attending to the first `span` positions
-        of the cache (the whole context when captured, so that shapes never change)."""
+        of the cache (the whole context when captured, so that shapes never change); `masked`
+        False when every row is at position span - 1."""
         n = tokens.size(0)
-        cache = self.cache.for_step(self.positions[:n], span)
+        cache = self.cache.for_step(self.positions[:n], span, masked)
         return self.model(tokens.view(n, 1), cache=cache)[:, -1].float()
 
     def release(self, slot: int) -> None:

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from microgpt_cli.config import EVAL_BATCH_SIZE
+from microgpt_cli.config import EVAL_BATCH_SIZE, check_threads
 from microgpt_cli.data import dataset
 from microgpt_cli.data.tokenizer import Tokenizer
-from microgpt_cli.device import resolve_device
+from microgpt_cli.device import resolve_device, torch_threads
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer.engine import inference_model
 from microgpt_cli.io.checkpoint import load_checkpoint
@@ -93,14 +93,17 @@ def evaluate(
     on_progress: Callable[[int, int], None] | None = None,
     skip_unknown: bool = False,
     quantize: str | None = None,
+    threads: int | None = None,
 ) -> EvalResult:
     """Score a checkpoint on the whole validation split of `data_dir`, or on a UTF-8 text file
     (`text`, tokenized with the checkpoint's own tokenizer). Characters a char vocabulary lacks
     are an error naming where they are, or with `skip_unknown` are left out and counted in the
     result. `on_progress(done, total)` follows the predicted tokens. `quantize="int8"` scores
-    the int8 weights `generate --quantize int8` samples with (CPU only), to measure their cost."""
+    the int8 weights `generate --quantize int8` samples with (CPU only), to measure their cost.
+    `threads`: torch's CPU threads while scoring (default: torch's setting)."""
     if batch_size < 1:
         raise MicroGPTError(f"--batch-size must be at least 1, got {batch_size}")
+    threads = check_threads(threads)
     resolved = resolve_device(device)
     skipped = None
     if text is not None:
@@ -119,13 +122,14 @@ def evaluate(
         raise MicroGPTError("nothing to evaluate: the text has fewer than 2 tokens")
     quantize = None if quantize == "none" else quantize
     if quantize is not None:
-        model = inference_model(model, quantize)
+        model = inference_model(model, quantize, in_place=True)
     total_targets = len(tokens) - 1
     start = time.perf_counter()
-    nats, count, nbytes = split_loss(
-        model, tokens, batch_size, resolved, token_bytes=tokenizer.bytes_per_token(),
-        on_progress=None if on_progress is None else lambda done: on_progress(done, total_targets),
-    )
+    with torch_threads(threads):
+        nats, count, nbytes = split_loss(
+            model, tokens, batch_size, resolved, token_bytes=tokenizer.bytes_per_token(),
+            on_progress=None if on_progress is None else lambda done: on_progress(done, total_targets),
+        )
     seconds = time.perf_counter() - start
     loss = nats / count
     perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from microgpt_cli.config import SamplingSettings, is_text
+from microgpt_cli.config import SamplingSettings, check_threads, is_text
 from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer.engine import Engine, count_sampled, make_generators, sample_next
@@ -98,11 +98,13 @@ def prompt_ids(tokenizer: Tokenizer, text: str, special: bool = False) -> list[i
 class Sampler:
     """A model and its tokenizer, ready to sample text in batches of up to `slots` samples.
 
-    Build one and sample from it many times: the engine's copy of the model (transposed, int8 or
-    bf16 weights) and its cache are made once."""
+    Build one and sample from it many times: the engine's model (its weights laid out for
+    decoding: oneDNN-packed, int8 or bf16) and its cache are made once. `in_place` and `threads`:
+    see Engine."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int = 1, quantize: str | None = None):
-        self.engine = Engine(model, slots, quantize)
+    def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int = 1, quantize: str | None = None, *,
+                 in_place: bool = False, threads: int | None = None):
+        self.engine = Engine(model, slots, quantize, in_place=in_place, threads=threads)
         self.tokenizer = tokenizer
         # A model whose vocabulary is padded past the tokenizer's must not pick ids that decode to nothing.
         self.vocab = min(model.config.vocab_size, tokenizer.vocab_size)
@@ -254,11 +256,13 @@ def load_model(model: GPT | str | Path, tokenizer: Tokenizer | None, device: str
 
 
 def load_sampler(model: GPT | str | Path, tokenizer: Tokenizer | None = None, device: str = "auto",
-                 slots: int = 1, quantize: str | None = None) -> Sampler:
-    """A Sampler for a GPT (then `tokenizer` is required) or a checkpoint file / run dir (loaded
-    on `device`), decoding up to `slots` samples at once; `quantize="int8"` on CPU."""
+                 slots: int = 1, quantize: str | None = None, threads: int | None = None) -> Sampler:
+    """A Sampler for a GPT (then `tokenizer` is required; the GPT is left as it is) or a
+    checkpoint file / run dir (loaded on `device`), decoding up to `slots` samples at once;
+    `quantize="int8"` on CPU; `threads`, the most CPU threads a call uses (default: torch's)."""
+    check_threads(threads)  # before loading: a bad setting fails fast
     gpt, tok = load_model(model, tokenizer, device)
-    return Sampler(gpt, tok, slots, quantize)
+    return Sampler(gpt, tok, slots, quantize, in_place=not isinstance(model, GPT), threads=threads)
 
 
 def stream_text(
@@ -275,13 +279,15 @@ def stream_text(
     quantize: str | None = None,
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
+    threads: int | None = None,
 ) -> TextStream:
     """Text pieces of one sample as they are produced: `start_text`, then up to `length` new tokens.
 
     `model` is a GPT (then `tokenizer` is required) or a checkpoint file / run dir (loaded on
-    `device`). Options are checked and the prompt encoded before this returns."""
+    `device`). `threads` is the most CPU threads a call uses (default: torch's). Options are
+    checked and the prompt encoded before this returns."""
     settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed, frequency_penalty, presence_penalty)
-    return load_sampler(model, tokenizer, device, 1, quantize).stream(start_text, settings)
+    return load_sampler(model, tokenizer, device, 1, quantize, threads).stream(start_text, settings)
 
 
 def generate_text(
@@ -298,10 +304,11 @@ def generate_text(
     quantize: str | None = None,
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
+    threads: int | None = None,
 ) -> str:
     """`start_text` and its continuation as one string; see `stream_text`."""
     return "".join(stream_text(model, start_text, length, tokenizer, temperature, top_k, top_p, seed, stop,
-                               device, quantize, frequency_penalty, presence_penalty))
+                               device, quantize, frequency_penalty, presence_penalty, threads))
 
 
 def generate_texts(
@@ -318,11 +325,13 @@ def generate_texts(
     quantize: str | None = None,
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
+    threads: int | None = None,
 ) -> list[str]:
     """One sample per prompt, decoded as one batch: `generate_texts(model, ["hello"] * 8)` gives
     8 samples of "hello". Sample i draws from seed + i (see the module doc)."""
     settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed, frequency_penalty, presence_penalty)
     pieces: list[list[str]] = [[] for _ in prompts]
-    for row, piece in load_sampler(model, tokenizer, device, max(1, len(prompts)), quantize).batch(prompts, settings):
+    sampler = load_sampler(model, tokenizer, device, max(1, len(prompts)), quantize, threads)
+    for row, piece in sampler.batch(prompts, settings):
         pieces[row].append(piece)
     return ["".join(p) for p in pieces]

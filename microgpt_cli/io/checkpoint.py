@@ -140,11 +140,11 @@ class Checkpoint:
                                 f"{expected:,} parameters, the weights hold {self.num_params:,}")
 
     def build_model(self) -> GPT:
-        """The model rebuilt from the stored config, never from CLI flags."""
+        """The model rebuilt from the stored config, never from CLI flags. It holds the tensors of
+        `model` themselves (no copy): whoever converts it in place drops this checkpoint first."""
         self.check_weights()
         try:
-            model = GPT(self.model_config)
-            model.load_state_dict(self.model)
+            model = GPT.from_weights(self.model_config, self.model)
         except (TypeError, RuntimeError) as exc:
             raise MicroGPTError(f"checkpoint weights do not match its model config: {exc}".splitlines()[0]) from exc
         return model

@@ -8,7 +8,8 @@ are off by default; see ModelConfig.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -70,14 +71,26 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 def rotary_tables(head_size: int, length: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    # Made on the CPU even where the model is built on the meta device (GPT.from_weights): these
+    # buffers are not saved, so they must be real; `.to(device)` moves them with the model.
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32, device="cpu") / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), inv_freq)  # (T, hs/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)  # rotate the two halves of each head as complex pairs
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Skips torch.nn.init's fills while modules are made for weights that are assigned next."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -170,6 +183,23 @@ class GPT(nn.Module):
             for name in RESIDUAL_PROJECTIONS:
                 weight = self.get_parameter(block_param(i, name))
                 nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_weights(cls, config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> GPT:
+        """A model holding the tensors of `weights` (a state dict) themselves: its modules are made
+        on the meta device without their random init, so loaded weights are never in memory twice
+        (and GPT-2's 124M random numbers are not drawn for nothing). Tensors of another dtype, or
+        not contiguous, are converted."""
+        with torch.device("meta"), _SkipInit():
+            model = cls(config)
+        expected = model.state_dict()
+        weights = {name: tensor if name not in expected or (tensor.dtype == expected[name].dtype and
+                                                          tensor.is_contiguous())
+                   else tensor.to(expected[name].dtype).contiguous() for name, tensor in weights.items()}
+        model.load_state_dict(weights, assign=True)
+        if config.tie_weights:
+            model.head.weight = model.tok_emb.weight
+        return model
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

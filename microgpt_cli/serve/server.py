@@ -37,7 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from microgpt_cli.config import MAX_PENALTY, MAX_SEED, InvalidSetting
+from microgpt_cli.config import MAX_PENALTY, MAX_SEED, InvalidSetting, check_threads
 from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.device import resolve_device
 from microgpt_cli.errors import MicroGPTError
@@ -551,7 +551,8 @@ class Service:
     `warnings` lists what the startup lines should say besides the URL."""
 
     def __init__(self, checkpoint: str | Path, settings: ServeSettings, device: str = "auto",
-                 quantize: str | None = None):
+                 quantize: str | None = None, threads: int | None = None):
+        check_threads(threads)
         if not 1 <= settings.max_batch <= MAX_SLOTS:
             raise InvalidSetting(f"max_batch must be between 1 and {MAX_SLOTS:,}, got {settings.max_batch:,}",
                                  "max_batch")
@@ -573,11 +574,13 @@ class Service:
             self.path = resolve_path(checkpoint)
             state = load(self.path)
             model = state.build_model().to(resolve_device(device)).eval()
-            sampler = Sampler(model, state.tokenizer_object(), settings.max_batch, quantize)
+            tokenizer, metrics = state.tokenizer_object(), state.metrics
+            del state  # it holds the weights too: the engine converts them in place, never beside a copy
+            sampler = Sampler(model, tokenizer, settings.max_batch, quantize, in_place=True, threads=threads)
         except BaseException:
             self.socket.close()
             raise
-        self.server = Server(sampler, model_info(self.path, sampler, state.metrics), settings)
+        self.server = Server(sampler, model_info(self.path, sampler, metrics), settings)
         self.app = build_app(self.server)
         config = uvicorn.Config(
             self.app, http=guarded_protocol(settings, self.server.metrics.connections),
@@ -609,10 +612,10 @@ class Service:
 
 
 def serve(checkpoint: str | Path = "out", settings: ServeSettings | None = None, device: str = "auto",
-          quantize: str | None = None, announce: Callable[[str], None] = print) -> None:
+          quantize: str | None = None, announce: Callable[[str], None] = print, threads: int | None = None) -> None:
     """Serve a checkpoint until SIGINT/SIGTERM: the OpenAI-compatible API under /v1 and the
-    playground at /. `announce` gets the startup lines (the URL, warnings)."""
-    service = Service(checkpoint, settings or ServeSettings(), device, quantize)
+    playground at /. `announce` gets the startup lines (the URL, warnings); `threads`: see Engine."""
+    service = Service(checkpoint, settings or ServeSettings(), device, quantize, threads)
     setup_logging()
     info, engine = service.server.info, service.server.sampler.engine
     announce(f"microgpt serve: {service.path} ({info.parameters / 1e6:.2f}M parameters, {info.tokenizer} tokenizer, "
