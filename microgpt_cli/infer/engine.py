@@ -168,7 +168,8 @@ class Engine:
         length = ids.numel()
         self.cache.reserve(length)
         cache = self.cache.for_prefill(slot, length)
-        logits = self.threads.run("prefill", lambda: self.model(ids.unsqueeze(0), cache=cache, last_only=True)[0, -1],
+        # The head runs on the last position only: all that decoding needs from a prompt.
+        logits = self.threads.run("prefill", lambda: self.model.logits(self.model.hidden(ids[None], cache)[:, -1])[0],
                                   length)
         self.history[slot, :length] = ids
         self._set_length(slot, length)
