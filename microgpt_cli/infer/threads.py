@@ -62,6 +62,7 @@ class ThreadChooser:
         self._calls: dict[Hashable, int] = {}
 
     def choose(self, kind: Hashable) -> int:
+        """The thread count to run the next call of `kind` with."""
         timings = self._timings.get(kind, {})
         call = self._calls.get(kind, 0)
         untried = [n for n in self.options if n not in timings]
@@ -90,14 +91,19 @@ class ThreadChooser:
         finally:
             seconds = (time.perf_counter() - began) / units
             torch.set_num_threads(previous)
-            self._record(kind, threads, seconds)
+            self.record(kind, threads, seconds)
 
-    def _record(self, kind: Hashable, threads: int, seconds: float) -> None:
+    def record(self, kind: Hashable, threads: int, seconds: float) -> None:
+        """A call of `kind` took `seconds` (per unit) with `threads` threads."""
         call = self._calls.get(kind, 0)
         self._calls[kind] = call + 1
         if call == 0:
             return  # a kind's first call pays one-time costs (oneDNN primitives, cache growth): not a measure
         timings = self._timings.setdefault(kind, {})
         old = timings.get(threads)
-        average = seconds if old is None else (1 - SMOOTHING) * old.seconds + SMOOTHING * seconds
+        # A count tried again after a while is measured afresh: its old average is of another load.
+        if old is None or call - old.call > RETRY_EVERY:
+            average = seconds
+        else:
+            average = (1 - SMOOTHING) * old.seconds + SMOOTHING * seconds
         timings[threads] = _Timing(average, call)
