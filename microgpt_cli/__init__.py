@@ -6,8 +6,15 @@ Sampler to draw from many times) and `Scorer` (log-probabilities of given tokens
 They are imported lazily so that `microgpt --help` does not wait for torch.
 """
 
+from __future__ import annotations
+
 from importlib import import_module
-from typing import Any
+
+# `microgpt` imports this package before it can handle a Ctrl-C: nothing slow to import here, not
+# even typing (mypy takes any name TYPE_CHECKING as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

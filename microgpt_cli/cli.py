@@ -8,14 +8,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 import typer.core
 from rich.markup import escape
+from typer._click.exceptions import NoArgsIsHelpError
 
-from microgpt_cli import __version__
+from microgpt_cli import __version__, help_layout
 from microgpt_cli.config import (
     EVAL_BATCH_SIZE,
     Activation,
@@ -24,10 +26,12 @@ from microgpt_cli.config import (
     Norm,
     OptimizerName,
     Position,
+    PresetName,
     Quantize,
     SamplingSettings,
     TrainConfig,
     default_of,
+    preset_help,
     setting_fields,
 )
 from microgpt_cli.data.dataprep import (
@@ -45,17 +49,28 @@ from microgpt_cli.serve.settings import ServeSettings
 
 STARTED = time.perf_counter()  # a --time-budget counts from here: importing torch is part of the run
 
-_display_type = typer.core.TyperOption.display_type_rich
+help_layout.install()
 
 
-def _flag_type(self: typer.core.TyperOption, ctx: Any) -> Optional[str]:
-    # Typer shows flags (--help, --version, --force) with a "<bool>" value they do not take.
-    return None if self.is_flag else _display_type(self, ctx)
+class _Group(typer.core.TyperGroup):
+    """Every command runs inside this: a closed pipe and Ctrl-C reach `main` as themselves, before
+    Click turns them into an exit status of 1 (EPIPE) or a silent 130 (KeyboardInterrupt)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise _PipeClosed from None
+        except KeyboardInterrupt:
+            raise Interrupted(f"{ctx.invoked_subcommand or 'microgpt'} was interrupted") from None
 
 
-typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+class _PipeClosed(Exception):
+    """stdout's reader went away (`microgpt generate | head`): not an error, as for other Unix tools."""
+
 
 app = typer.Typer(
+    cls=_Group,
     name="microgpt",
     help="Train small GPT language models on your own text, evaluate them, and sample from them.\n\n"
     "microgpt prepare input.txt → microgpt train → microgpt eval → microgpt generate --prompt hello "
@@ -78,8 +93,8 @@ DeviceOpt = Annotated[str, typer.Option(
     envvar=DEVICE_ENV, help="Where to run: auto, cpu, cuda, cuda:N or mps (auto picks cuda, then mps, then cpu).")]
 H = "Benchmark tasks (lm-evaluation-harness)"  # a help panel of eval
 QuantizeOpt = Annotated[Quantize, typer.Option(
-    help="Weights on CPU: none (fp32, exact) or int8 (weight-only int8 linear layers: faster, slightly less "
-         "accurate; see the README). CUDA always decodes with bf16 weights.")]
+    help="Weights on CPU: none (fp32, exact) or int8 (PyTorch's dynamic int8 linear layers: faster on larger "
+         "models, slightly less exact; see the README). CUDA decodes with bf16 weights.")]
 DecodeThreadsOpt = Annotated[int, typer.Option(
     "--threads", envvar=THREADS_ENV, help="The most CPU threads a call uses: each prompt and decoding step runs "
     "with the number, up to this, measured fastest at the moment (fewer when the machine is busy; 0: one per "
@@ -119,7 +134,7 @@ def _apply_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Op
         if not isinstance(item, wanted) or isinstance(item, bool) != (wanted == (bool,)):
             kind = {int: "an integer", float: "a number", bool: "true or false"}.get(annotation, "a string")
             raise MicroGPTError(f"config file {value}: {key} must be {kind}, got {item!r}")
-        defaults[str(option.name)] = item
+        defaults[str(option.name)] = [item] if option.multiple else item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -135,7 +150,8 @@ def _stronger(ctx: typer.Context, **values: object) -> Optional[str]:
     environment variable, then --config file); both given the same way is a user mistake."""
     order = ("DEFAULT_MAP", "ENVIRONMENT", "COMMANDLINE")
     sources = {name: ctx.get_parameter_source(name) for name, v in values.items() if v is not None}
-    given = {name: order.index(source.name) for name, source in sources.items() if source is not None}
+    given = {name: order.index(source.name) for name, source in sources.items()
+             if source is not None and source.name in order}
     if len(given) < 2:
         return next(iter(given), None)
     (first, rank1), (second, rank2) = sorted(given.items(), key=lambda kv: -kv[1])
@@ -164,7 +180,7 @@ def _field_option(cls: type, name: str, panel: Optional[str] = None, envvar: Opt
     config.default_of)."""
     f = setting_fields(cls)[name]
     flags = f.metadata["flags"] or ("--" + name.replace("_", "-"),)
-    return typer.Option(*flags, help=f.metadata["help"], rich_help_panel=panel, envvar=envvar)
+    return typer.Option(*flags, *f.metadata["aliases"], help=f.metadata["help"], rich_help_panel=panel, envvar=envvar)
 
 
 def _sampling(name: str) -> Any:
@@ -183,6 +199,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 @app.command()
 def prepare(
     inputs: Annotated[Optional[list[str]], typer.Argument(
+        metavar="INPUTS",
         help="Text files, directories (their non-hidden text files, recursively, sorted) or - for stdin.",
         show_default=False)] = None,
     sample: Annotated[Optional[SampleName], typer.Option(
@@ -200,25 +217,19 @@ def prepare(
         help="Fraction at the end of every input (cut at a line start) that goes to the validation split."
     )] = DEFAULT_VAL_FRACTION,
     force: Annotated[bool, typer.Option(
-        "--force", help="Replace --out if it exists; the old dir is deleted only once the new one is in place."
-    )] = False,
+        "--force", help="Replace --out if it is a data dir (from prepare) or empty; the old one is deleted only once "
+                        "the new one is in place. Anything else at --out is refused.")] = False,
     errors: Annotated[ErrorMode, typer.Option(
         help="Invalid UTF-8: strict stops with the file and byte offset, replace substitutes U+FFFD.")] = "strict",
     threads: Annotated[int, typer.Option(
         envvar=THREADS_ENV, help="Threads that tokenize at once (0: one per CPU).")] = 0,
 ) -> None:
     """Tokenize text into a data dir (train.bin, val.bin, meta.json) for `microgpt train`."""
-    import signal
-
     from rich.table import Table
 
     from microgpt_cli.data.dataprep import prepare as prepare_data
     from microgpt_cli.progress import Task
 
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # so that `kill` cleans up the temp dir like Ctrl-C does
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
     started = time.monotonic()
     try:
         with Task(f"prepare {out}", total=None, unit="bytes") as task:
@@ -236,11 +247,9 @@ def prepare(
                 val_fraction=val_fraction, force=force, errors=errors, on_total=set_total, on_progress=progress,
                 threads=threads,
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see main)
         kept = f"{out} is as it was" if out.exists() else f"{out} was not created"
         raise Interrupted(f"prepare was interrupted; nothing was written: {kept}") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     table = Table(title=f"prepared {escape(str(out))}", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -274,14 +283,15 @@ def train(
     data: Annotated[Path, _train("data", envvar=DATA_ENV)] = Path(default_of(TrainConfig, "data")),
     out: Annotated[Path, _train("out", envvar=OUT_ENV)] = Path(default_of(TrainConfig, "out")),
     config: ConfigOpt = None,
-    preset: Annotated[Optional[str], typer.Option(
-        help="Named hyperparameter set: cpu, gpt2, or finetune (with --init-from); flags override it.",
-        rich_help_panel=T)] = None,
+    preset: Annotated[Optional[PresetName], typer.Option(
+        show_default=False, rich_help_panel=T,
+        help=f"Named hyperparameter set; flags override it. {preset_help()}.")] = None,
     resume: Annotated[bool, typer.Option(
-        help="Continue the run in --out where last.pt left it; options given now change it (stopping point, LR, "
-             "evaluation...), except the model's shape, batch, seed and optimizer.", rich_help_panel=T)] = False,
+        "--resume", help="Continue the run in --out where last.pt left it; options given now change it (stopping "
+        "point, LR, evaluation...), except the model's shape, batch, seed and optimizer.", rich_help_panel=T)] = False,
     force: Annotated[bool, typer.Option(
-        help="Start over even if --out already holds a run (its files are deleted first).", rich_help_panel=T)] = False,
+        "--force", help="Start over even if --out already holds a run (its files are deleted first).",
+        rich_help_panel=T)] = False,
     epochs: Annotated[float, _train("epochs")] = default_of(TrainConfig, "epochs"),
     max_steps: Annotated[int, _train("max_steps")] = default_of(TrainConfig, "max_steps"),
     time_budget: Annotated[float, _train("time_budget")] = default_of(TrainConfig, "time_budget"),
@@ -341,9 +351,8 @@ def eval_command(
     ctx: typer.Context,
     checkpoint: CheckpointOpt = Path("out"),
     data: Annotated[
-        Optional[Path], typer.Option(envvar=DATA_ENV, help="Prepared data dir whose whole validation split is scored.",
-                                     show_default=setting_fields(TrainConfig)["data"].default)
-    ] = None,
+        Path, typer.Option(envvar=DATA_ENV, help="Prepared data dir whose whole validation split is scored.")
+    ] = Path(default_of(TrainConfig, "data")),
     text: Annotated[
         Optional[Path],
         typer.Option(help="Score this UTF-8 text file instead, tokenized with the checkpoint's tokenizer."),
@@ -389,29 +398,30 @@ def eval_command(
     harness_only = [name for name in ("include_path", "limit", "num_fewshot") if _given(ctx, name)]
     if harness_only:
         raise MicroGPTError(f"--{harness_only[0].replace('_', '-')} goes with --tasks")
-    if _stronger(ctx, data=data, text=text) == "text":
-        data = None
-    else:
-        text = None
-    data = data or Path(default_of(TrainConfig, "data"))
-    import json
-
+    if _stronger(ctx, data=data, text=text) != "text":
+        text = None  # --data (given, or its default) wins
     from rich.console import Console
 
     from microgpt_cli.infer.evaluation import evaluate
     from microgpt_cli.progress import Task, eval_table
 
     started = time.monotonic()
+    scored = [0, 0]  # tokens scored, of how many
     with Task("eval", total=None, unit="tokens") as task:
         # Short evals finish silently; a plain-log line would be noise in a pipe.
         def progress(done: int, total: int) -> None:
+            scored[:] = done, total
             if task.live or time.monotonic() - started > 5:
                 task.update(done, total=total)
 
-        result = evaluate(checkpoint, data, text, batch_size, device, on_progress=progress, skip_unknown=skip_unknown,
-                          quantize=quantize, threads=threads)
+        try:
+            result = evaluate(checkpoint, data, text, batch_size, device, on_progress=progress,
+                              skip_unknown=skip_unknown, quantize=quantize, threads=threads)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+            where = f" after {scored[0]:,} of {scored[1]:,} tokens" if scored[1] else ""
+            raise Interrupted(f"eval was interrupted{where}; nothing was written") from None
     if json_output:
-        typer.echo(json.dumps(result.to_dict()))
+        typer.echo(_json_text(result.to_dict()))
         return
     Console().print(eval_table(result, f"{checkpoint} on {text if text is not None else data / 'val.bin'}"))
 
@@ -421,8 +431,6 @@ def _eval_tasks(checkpoint: Path, tasks: str, include_path: Optional[Path], limi
     # The harness and the datasets library draw tqdm bars of their own; microgpt's display replaces them.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    import json
-
     from rich.console import Console
 
     from microgpt_cli.infer.evaluation import evaluate_tasks
@@ -441,7 +449,7 @@ def _eval_tasks(checkpoint: Path, tasks: str, include_path: Optional[Path], limi
     if json_output:
         from lm_eval.utils import handle_non_serializable
 
-        typer.echo(json.dumps(results, default=handle_non_serializable))
+        typer.echo(_json_text(results, default=handle_non_serializable))
         return
     Console().print(tasks_table(results, f"{checkpoint}: lm-evaluation-harness {results.get('lm_eval_version', '')}"))
 
@@ -464,7 +472,7 @@ def generate(
     seed: Annotated[int, _sampling("seed")] = default_of(SamplingSettings, "seed"),
     num_samples: Annotated[int, typer.Option(
         help="Samples to write, separated by a '---' line; decoded as one batch, sample i with seed + i.")] = 1,
-    stop: Annotated[Optional[str], _sampling("stop")] = default_of(SamplingSettings, "stop"),
+    stop: Annotated[Optional[list[str]], _sampling("stop")] = default_of(SamplingSettings, "stop"),
     frequency_penalty: Annotated[float, _sampling("frequency_penalty")] = default_of(
         SamplingSettings, "frequency_penalty"),
     presence_penalty: Annotated[float, _sampling("presence_penalty")] = default_of(
@@ -486,7 +494,8 @@ def generate(
 
     if not 1 <= num_samples <= MAX_SLOTS:
         raise MicroGPTError(f"--num-samples must be between 1 and {MAX_SLOTS:,}, got {num_samples:,}")
-    settings = SamplingSettings(length, temperature, top_k, top_p, stop, seed, frequency_penalty, presence_penalty)
+    settings = SamplingSettings(length, temperature, top_k, top_p, tuple(stop) if stop else None, seed,
+                                frequency_penalty, presence_penalty)
     start_text = read_text(prompt_file) if prompt_file is not None else prompt or ""
     sampler = load_sampler(checkpoint, device=device, slots=num_samples, quantize=quantize, threads=threads)
     batch = sampler.batch([start_text] * num_samples, settings)  # a bad prompt fails here, before any output
@@ -525,10 +534,12 @@ def generate(
 @app.command("import")
 def import_command(
     source: Annotated[str, typer.Argument(
+        metavar="SOURCE",
         help="A Hugging Face GPT-2 model dir, a Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2; "
              "needs the network or the Hub cache) or a dir made by `microgpt export`.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write.", show_default=False)],
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace --out if it is a microgpt checkpoint; anything else at --out is refused.")] = False,
 ) -> None:
     """Import pretrained GPT-2 weights as a microgpt checkpoint, for info, eval, generate, serve and export."""
     from microgpt_cli.io.pretrained import import_model
@@ -587,12 +598,11 @@ def serve(
 @app.command()
 def info(
     path: Annotated[Path, typer.Argument(
+        metavar="PATH",
         envvar=OUT_ENV, help="A checkpoint file, a run dir (from train) or a data dir (from prepare).")] = Path("out"),
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Show what a checkpoint, run dir or data dir holds: model, tokenizer, data and training."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
@@ -600,7 +610,7 @@ def info(
 
     facts = describe(path)
     if json_output:
-        typer.echo(json.dumps(facts))
+        typer.echo(_json_text(facts))
         return
     table = Table(title=escape(f"{facts['kind']} {facts['path']}"), title_justify="left", show_header=False)
     table.add_column(style="bold")
@@ -610,8 +620,34 @@ def info(
     Console().print(table)
 
 
+def _json_text(value: dict[str, Any], default: Optional[Callable[[Any], Any]] = None) -> str:
+    """`value` as standard JSON: json.dumps would write NaN and infinities as the bare words NaN and
+    Infinity, which JSON parsers refuse. They become null, and `null_because` says why for each
+    (by its dotted key: "perplexity", "training.val_loss")."""
+    import json
+    import math
+
+    why: dict[str, str] = {}
+
+    def clean(item: Any, key: str) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            why[key] = "not a number (NaN)" if math.isnan(item) else f"{item} (JSON has no infinity)"
+            return None
+        if isinstance(item, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(item)]
+        return item
+
+    cleaned = clean(value, "")
+    if why:
+        cleaned["null_because"] = why
+    return json.dumps(cleaned, allow_nan=False, default=default)
+
+
 def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
     from microgpt_cli.progress import format_seconds
+    from microgpt_cli.training.events import val_scope
 
     tok = facts["tokenizer"]
     if facts["kind"] == "data":
@@ -639,12 +675,14 @@ def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
     def num(value: Optional[float], fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
+    scope = val_scope(t["val_tokens"], t["val_split_tokens"])
+    scope = f" ({scope})" if scope else ""
     rows += [
         ("steps", num(t["step"], ",")),
         ("epochs", num(t["epoch"], ".2f")),
         ("train loss", num(t["train_loss"], ".4f")),
-        ("val loss", num(t["val_loss"], ".4f")),
-        ("best val loss", num(t["best_val_loss"], ".4f")),
+        ("val loss", num(t["val_loss"], ".4f") + scope),
+        ("best val loss", num(t["best_val_loss"], ".4f") + scope),
         ("train time", "-" if t["elapsed"] is None else format_seconds(t["elapsed"])),
     ]
     files = facts["checkpoints"] if facts["kind"] == "run" else {Path(facts["path"]).name: facts["file"]}
@@ -657,7 +695,8 @@ def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
 @app.command()
 def plot(
     run_dirs: Annotated[
-        list[Path], typer.Argument(help="Run dirs (from train) to draw on one chart.", show_default=False)],
+        list[Path], typer.Argument(metavar="RUN_DIRS", help="Run dirs (from train) to draw on one chart.",
+                                   show_default=False)],
     out: Annotated[Path, typer.Option(
         "--out", "-o", help="File to write: .png, .svg or .pdf (the format follows the suffix).")] = Path("runs.png"),
     x: Annotated[XAxis, typer.Option(
@@ -675,20 +714,32 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create.", show_default=False)],
     checkpoint: CheckpointOpt = Path("out"),
     format: Annotated[ExportFormat, typer.Option(
-        "--format", "-f", help="hf: a transformers GPT-2 model dir (GPT2LMHeadModel.from_pretrained); "
-        "safetensors: the plain weights and config.json.")] = "hf",
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is not empty.")] = False,
+        "--format", "-f", help="hf: a transformers GPT-2 model dir (GPT2LMHeadModel.from_pretrained), for models "
+        "with GPT-2's architecture; safetensors: the plain weights and config.json, for any model; auto: hf where "
+        "it can be, else safetensors.")] = "auto",
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace --out if it is a dir made by `microgpt export`; anything else at --out is refused."
+    )] = False,
 ) -> None:
     """Export a checkpoint for other tools: Hugging Face transformers GPT-2, or plain safetensors."""
     from microgpt_cli.io.export import export as export_model
 
-    path = export_model(checkpoint, out, format, force)
-    stderr.print(f"exported {escape(str(checkpoint))} as {format} to {escape(str(path))}", highlight=False)
+    done = export_model(checkpoint, out, format, force)
+    note = f" ({done.note})" if done.note else ""
+    stderr.print(f"exported {escape(str(checkpoint))} as {done.format} to {escape(str(done.path))}{escape(note)}",
+                 highlight=False, soft_wrap=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: user mistakes become one line on stderr and a non-zero exit, never a traceback."""
+    import signal
+
+    # SIGTERM (kill, a CI timeout) stops a command the way Ctrl-C does: temp files go, nothing is
+    # left half-written. `train` and `serve` install their own handlers over this one.
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is handled below
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         code = app(argv, prog_name="microgpt", standalone_mode=False)
     except Interrupted as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one message for the whole job
@@ -700,6 +751,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except MicroGPTError as exc:
         _error_line(exc.label, str(exc))
         sys.exit(exc.exit_code)
+    except NoArgsIsHelpError:  # a bare `microgpt`: the help was the answer
+        sys.exit(0)
     except typer.TyperException as exc:  # bad option or value, caught by the parser
         # Typer checks values with pydantic, whose messages start "Value error, ": noise to a user.
         _error_line("error", f"{exc.format_message().replace('Value error, ', '')} (see --help)")
@@ -707,12 +760,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (KeyboardInterrupt, typer.Abort):
         _error_line("stopped", "interrupted", "yellow")
         sys.exit(130)
-    except BrokenPipeError:  # e.g. `microgpt generate ... | head`
-        sys.stderr.close()
+    except _PipeClosed:  # e.g. `microgpt generate ... | head`
+        # Python flushes stdout once more at exit, into the same closed pipe: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except OSError as exc:  # a file or dir the user named cannot be read or written
         _error_line("error", describe_os_error(exc))
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code == 130:  # Click's answer to a Ctrl-C while it parsed the command line
+        _error_line("stopped", "interrupted", "yellow")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -8,7 +8,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -28,7 +28,9 @@ Activation = Literal["relu", "relu2", "gelu"]
 OptimizerName = Literal["adamw", "muon"]
 Quantize = Literal["none", "int8"]  # weights for inference on CPU: fp32 as trained, or int8
 DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d{1,3})?)")
-MAX_SEED = 2**63 - 1  # the largest integer a TOML file (and config.toml) can hold
+# torch's CPU generator (mt19937) keeps the low 32 bits of a seed: larger seeds would silently give
+# the same weights and text as smaller ones, so they are refused.
+MAX_SEED = 2**32 - 1
 MAX_THREADS = 1024  # far above any CPU; OpenMP crashes when asked for ~100,000
 # Upper bounds far past any real use, which keep every setting inside what torch, numpy and the
 # schedule can represent: an lr of 1e308 overflows float32, n_layer 4e18 would build blocks forever.
@@ -73,10 +75,11 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def setting(default: Any, help: str, *flags: str) -> Any:
+def setting(default: Any, help: str, *flags: str, aliases: tuple[str, ...] = ()) -> Any:
     """A dataclass field that is also a command-line option: its default and help are the CLI's,
-    `flags` (if given) its option names."""
-    return field(default=default, metadata={"help": help, "flags": flags})
+    `flags` (if given) its option names. `aliases` are other names it accepts without showing them
+    in --help: older names of the option, and the names nanoGPT and litgpt users type."""
+    return field(default=default, metadata={"help": help, "flags": flags, "aliases": aliases})
 
 
 def _require(ok: bool, message: str, *names: str) -> None:
@@ -91,9 +94,10 @@ def _validate(obj: object) -> None:
     for f in fields(obj):  # type: ignore[arg-type]
         value, hint = getattr(obj, f.name), hints[f.name]
         if type(None) in get_args(hint):  # X | None
-            if value is None:
+            others = [arg for arg in get_args(hint) if arg is not type(None)]
+            if value is None or len(others) > 1:  # several types: the class checks those itself
                 continue
-            hint = next(arg for arg in get_args(hint) if arg is not type(None))
+            hint = others[0]
         if get_origin(hint) is Literal:
             choices = get_args(hint)
             _require(isinstance(value, str) and value in choices,
@@ -136,6 +140,24 @@ def _at_most(obj: object, limits: Mapping[str, float]) -> None:
         _require(value <= limit, f"{name} must be at most {limit:,}, got {value:,}", name)
 
 
+def seed_message(seed: int) -> str:
+    return f"seed must be between 0 and {MAX_SEED:,} (torch's CPU generator keeps 32 bits), got {seed:,}"
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """One stop string or several as a tuple, each checked: not empty, valid text. The CLI's
+    repeated --stop, the Python API and the server's `stop` all go through here."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    for item in stops:
+        if not isinstance(item, str):
+            raise InvalidSetting(f"stop must be text or a list of texts, got {_shown(item)}", "stop")
+        if not item:
+            raise InvalidSetting("stop must not be empty", "stop")
+        if not is_text(item):
+            raise InvalidSetting("stop is not valid text (it holds bytes that are not UTF-8)", "stop")
+    return stops
+
+
 def _shown(value: object) -> str:
     """A value for a one-line message: its repr, or its type where the repr is long or multi-line."""
     text = repr(value)
@@ -149,9 +171,9 @@ class ModelConfig:
 
     vocab_size: int = setting(50257, "Vocabulary size (set from the data dir).")
     n_layer: int = setting(6, "Transformer blocks.")
-    n_head: int = setting(8, "Attention heads per block.", "--n-head", "--n-ma")
-    n_embed: int = setting(512, "Embedding width.")
-    context: int = setting(512, "Context length in tokens.", "--context", "--text-size")
+    n_head: int = setting(8, "Attention heads per block.", aliases=("--n-ma",))
+    n_embed: int = setting(512, "Embedding width.", aliases=("--n-embd",))
+    context: int = setting(512, "Context length in tokens.", aliases=("--text-size", "--block-size"))
     dropout: float = setting(0.1, "Dropout probability.")
     position: Position = setting("learned", "Positions: learned or rope (rotary).")
     norm: Norm = setting("layernorm", "Normalization: layernorm or rmsnorm.")
@@ -198,7 +220,7 @@ class TrainConfig:
     max_steps: int = setting(0, "Stop after this many optimizer steps (0: no cap).")
     time_budget: float = setting(0, "Stop after this many seconds, the final evaluation and save included; "
                                       "warmup and LR decay follow it (0: no cap).")
-    batch_size: int = setting(8, "Sequences per micro-batch.", "--batch-size", "--batches")
+    batch_size: int = setting(8, "Sequences per micro-batch.", aliases=("--batches",))
     grad_accum: int = setting(1, "Micro-batches per optimizer step.")
     lr: float = setting(3e-3, "Peak learning rate.")
     min_lr_ratio: float = setting(0.1, "Final LR as a fraction of the peak.")
@@ -222,7 +244,7 @@ class TrainConfig:
         _validate(self)
         _positive(self, "epochs", "batch_size", "grad_accum", "eval_interval", "log_interval", "lr", "muon_lr")
         _not_negative(self, "max_steps", "time_budget", "warmup_steps", "eval_tokens", "weight_decay", "grad_clip")
-        _require(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}", "seed")
+        _require(0 <= self.seed <= MAX_SEED, seed_message(self.seed), "seed")
         _require(0 <= self.threads <= MAX_THREADS, f"threads must be between 0 and {MAX_THREADS}, got {self.threads}",
                  "threads")
         _at_most(self, TRAIN_LIMITS)
@@ -244,11 +266,13 @@ class SamplingSettings:
     """How to pick tokens and when to stop; checked here once for the CLI and the Python API,
     whose defaults and help come from these fields."""
 
-    length: int = setting(200, "New tokens per sample (fewer if --stop ends it).")
+    length: int = setting(200, "New tokens per sample (fewer if --stop ends it).", aliases=("--max-new-tokens",))
     temperature: float = setting(0.8, "Randomness: 0 is greedy, 1 samples the model as is.")
     top_k: int | None = setting(50, "Sample from the K likeliest tokens only (K at least the vocabulary size: off).")
     top_p: float = setting(1.0, "Sample from the likeliest tokens covering probability P only (1: off).")
-    stop: str | None = setting(None, "End a sample where this text appears (the stop text is not printed).")
+    # One string or several (a tuple once checked); the earliest match ends a sample.
+    stop: str | Sequence[str] | None = setting(
+        None, "End a sample where this text appears (the stop text is not printed); repeat it for several.")
     seed: int | None = setting(1337, "Random seed: the same seed gives the same text.")
     frequency_penalty: float = setting(0.0, "Lower a token's logit by this much for each time the sample already holds "
                                             "it (-2 to 2; negative favours repeats).")
@@ -265,12 +289,10 @@ class SamplingSettings:
             raise InvalidSetting(f"top_k must be at least 1, got {self.top_k}", "top_k")
         if not 0 < self.top_p <= 1:
             raise InvalidSetting(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.stop == "":
-            raise InvalidSetting("stop must not be empty", "stop")
-        if self.stop is not None and not is_text(self.stop):
-            raise InvalidSetting("stop is not valid text (it holds bytes that are not UTF-8)", "stop")
+        if self.stop is not None:
+            object.__setattr__(self, "stop", stop_strings(self.stop) or None)  # frozen: set once, here
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise InvalidSetting(f"seed must be between 0 and {MAX_SEED}, got {self.seed}", "seed")
+            raise InvalidSetting(seed_message(self.seed), "seed")
         for name in ("frequency_penalty", "presence_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise InvalidSetting(f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got "
@@ -305,6 +327,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         activation="gelu", pad_vocab=128, lr=6e-4, warmup_steps=700, compile=True,
     ),
 }
+
+PresetName = Literal["cpu", "finetune", "gpt2"]
+assert set(get_args(PresetName)) == set(PRESETS), "PresetName lists the presets"
+PRESET_USES = {  # what each preset is for, as `train --help` says it
+    "cpu": "for 2 CPU cores and ~1 MB of text", "finetune": "for --init-from", "gpt2": "GPT-2 small, for a GPU",
+}
+
+
+def preset_help() -> str:
+    return "; ".join(f"{name}: {PRESET_USES[name]}" if name in PRESET_USES else name for name in PRESETS)
+
 
 MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
 TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))

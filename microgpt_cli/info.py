@@ -58,6 +58,10 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
             "train_loss": state.train_loss,
             "val_loss": state.val_loss,
             "best_val_loss": state.best_val,
+            # What the val losses were measured on: under a time budget or --eval-tokens, a part of
+            # the split, and `microgpt eval` (the whole split) gives another number.
+            "val_tokens": state.val_tokens,
+            "val_split_tokens": state.val_split_tokens,
             "elapsed": state.elapsed,
             "resumable": state.training is not None,
             "world_size": state.training.world_size if state.training else None,

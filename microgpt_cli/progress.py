@@ -30,7 +30,18 @@ from rich.progress import (
 from rich.text import Text
 
 from microgpt_cli.config import CONFIG_FILE
-from microgpt_cli.training.events import EvalProgress, Evaluated, Event, Logged, Metrics, RunEnded, RunStarted, StepDone
+from microgpt_cli.training.events import (
+    EvalProgress,
+    Evaluated,
+    Event,
+    Logged,
+    Metrics,
+    Planned,
+    RunEnded,
+    RunStarted,
+    StepDone,
+    val_scope,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -84,7 +95,7 @@ class Task:
         if self.unit == "bytes":
             where = f"{done / 1e6:.1f}/{(self.total or 0) / 1e6:.1f} MB ({done / 1e6 / max(elapsed, 1e-9):.1f} MB/s)"
         else:
-            where = f"{done:g}/{self.total:g} {self.unit}" if self.total else f"{done:g} {self.unit}"
+            where = f"{done:,.0f}/{self.total:,.0f} {self.unit}" if self.total else f"{done:,.0f} {self.unit}"
         pct = f" {100 * done / self.total:.0f}%" if self.total else ""
         eta = ""
         if self.total and done > 0:
@@ -116,6 +127,25 @@ def _per_step(seconds: float) -> str:
     return f"{seconds:.1f} s/step" if seconds >= 10 else f"{seconds:.2f} s/step"
 
 
+def _count(value: float) -> str:
+    """A count that may be fractional (steps per epoch): 653, or 653.4, never 653.0."""
+    return f"{value:,.0f}" if abs(value - round(value)) < 0.05 else f"{value:,.1f}"
+
+
+def _duration(seconds: float) -> str:
+    """A long duration a person reads at a glance: 45 s, 12 min, 3.5 hours, 11.6 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 86400:,.1f} days"
+
+
+LONG_CPU_RUN = 3600  # seconds: a CPU run planned longer than this gets a hint toward a shorter one
+
+
 class _TwoLines(Progress):
     """A progress bar with a status line under it: the numbers of a training run do not fit on one
     80-column line beside a bar, and Rich would cut them to "…"."""
@@ -144,6 +174,7 @@ class TrainDisplay:
         self._first: tuple[int, float] | None = None  # (step, elapsed) at the first step event
         self._seconds_per_step = 0.0
         self._step, self._elapsed, self._expected = 0, 0.0, 0
+        self._elapsed_at = time.monotonic()  # when _elapsed was reported: plain lines add the time since
         self._metrics: Metrics | None = None
         self._val: float | None = None
         self._best: float | None = None
@@ -166,6 +197,7 @@ class TrainDisplay:
             self._start(event)
         elif isinstance(event, StepDone):
             self._step, self._elapsed, self._expected = event.step, event.elapsed, event.expected_steps
+            self._elapsed_at = time.monotonic()
             if self._first is None:
                 self._first = (event.step, event.elapsed)
             elif event.step > self._first[0]:
@@ -180,13 +212,18 @@ class TrainDisplay:
             self._evaluating = f"evaluating: {share:.0f}% of {event.total:,} val tokens"
             self._refresh()
         elif isinstance(event, Evaluated):
-            self._metrics, self._expected = event.metrics, event.expected_steps
-            self._val, self._best, self._evaluating = event.metrics.val_loss, event.best_val, ""
-            if self.live:
+            m = event.metrics
+            self._metrics, self._expected = m, event.expected_steps
+            self._val, self._best, self._evaluating = m.val_loss, event.best_val, ""
+            scope = val_scope(m.val_tokens, m.val_split_tokens)
+            if self.live or scope:
                 mark = " (best, saved)" if event.improved else ""
-                self.console.print(f"step {event.metrics.step:,}: val loss {_dash(self._val, '.4f')}{mark}",
-                                   highlight=False)
+                scope = f" ({scope})" if scope else ""
+                self.console.print(f"step {m.step:,}: val loss {_dash(self._val, '.4f')}{scope}{mark}",
+                                   highlight=False, soft_wrap=not self.live)
             self._refresh(force=True)
+        elif isinstance(event, Planned):
+            self._preflight(event)
         elif isinstance(event, RunEnded):
             self._stop()
             self.summary(event)
@@ -202,23 +239,24 @@ class TrainDisplay:
             length = (f"the {cfg.time_budget:g} s time budget decides the length (at most {event.total_steps:,} "
                       f"steps; an estimate follows once steps are timed)")
         else:
-            length = f"{event.total_steps:,} steps ({event.steps_per_epoch:,.1f} per epoch)"
+            length = f"{event.total_steps:,} steps ({_count(event.steps_per_epoch)} per epoch)"
+        # On a terminal Rich wraps these between words; in a log each stays one line.
+        wrap: dict[str, Any] = {"highlight": False, "soft_wrap": not self.live}
         self.console.print(
             f"{begin} · {event.params / 1e6:.2f}M params ({m.n_layer}x{m.n_embed}, {m.n_head} heads, context "
             f"{m.context}) on {event.device} · {escape(event.tokenizer)} ({event.vocab_size:,} tokens) · "
-            f"{event.train_tokens:,} train / {event.val_tokens:,} val tokens · {length}",
-            highlight=False, soft_wrap=True,
-        )
+            f"{event.train_tokens:,} train / {event.val_tokens:,} val tokens · {length}", **wrap)
         if event.peak_flops:
             self.console.print(f"MFU against {event.peak_flops / 1e12:,.0f} TFLOP/s per device "
-                               f"({escape(event.peak_source)})", highlight=False, soft_wrap=True)
+                               f"({escape(event.peak_source)})", **wrap)
         if event.changes:
             changes = ", ".join(f"{name} {old} → {new}" for name, (old, new) in event.changes.items())
-            self.console.print(f"changed on resume: {escape(changes)}", highlight=False, soft_wrap=True)
+            self.console.print(f"changed on resume: {escape(changes)}", **wrap)
+        for warning in event.warnings:
+            self.console.print(f"[yellow]warning:[/] {escape(warning)}", **wrap)
         settings = " ".join(f"{k}={v}" for k, v in {**asdict(m), **asdict(cfg)}.items())
         saved_in = escape(str(Path(cfg.out) / CONFIG_FILE))
-        self.console.print(f"[dim]settings (saved in {saved_in}): {escape(settings)}[/]",
-                           highlight=False, soft_wrap=True)
+        self.console.print(f"[dim]settings (saved in {saved_in}): {escape(settings)}[/]", **wrap)
         if self.live:
             self._progress = _TwoLines(
                 TextColumn("[bold]train"), BarColumn(bar_width=20), TaskProgressColumn(),
@@ -228,6 +266,22 @@ class TrainDisplay:
             self._progress.start()
             self._task = self._progress.add_task("train", total=self._total(), where="", pace="")
             self._refresh()
+
+    def _preflight(self, plan: Planned) -> None:
+        started = self._started
+        per_step = (f"{started.params / 1e6:.2f}M parameters · {started.tokens_per_step:,} tokens per step · "
+                    if started else "")
+        line = f"pre-flight: {per_step}{_per_step(plan.seconds_per_step)} measured · "
+        if plan.time_budget:
+            line += f"~{plan.steps:,} more steps fit the {plan.time_budget:g} s time budget"
+        else:
+            line += f"{plan.steps:,} more steps take ~{_duration(plan.seconds)} with evaluations"
+        self.console.print(line, highlight=False, soft_wrap=not self.live)
+        if plan.device == "cpu" and not plan.time_budget and plan.seconds > LONG_CPU_RUN:
+            self.console.print(
+                f"[yellow]hint:[/] this run would take {_duration(plan.seconds)} on this CPU; `--preset cpu "
+                f"--time-budget 300` trains a CPU-sized model in 5 minutes, or cap this one with --time-budget "
+                f"SECONDS (Ctrl-C stops it; `--resume` continues)", highlight=False, soft_wrap=not self.live)
 
     def _budget(self) -> float:
         return self._started.train_config.time_budget if self._started else 0.0
@@ -264,14 +318,15 @@ class TrainDisplay:
         self._last_line = now
         done, total = (self._elapsed, self._budget()) if self._budget() else (self._step, self._expected)
         eta = ""
+        elapsed = self._elapsed + now - self._elapsed_at  # an evaluation reports no time of its own
         if self._seconds_per_step and not self._budget():
             eta = f" eta {format_seconds(self._seconds_per_step * max(0, self._expected - self._step))}"
         elif self._budget():
-            eta = f" eta {format_seconds(max(0.0, self._budget() - self._elapsed))}"
+            eta = f" eta {format_seconds(max(0.0, self._budget() - elapsed))}"
         status = self._status()
         where = self._where() if self._budget() else f"{self._where()} steps"
         self.console.print(
-            f"[{format_seconds(self._elapsed)}] train: {100 * done / max(total, 1e-9):.0f}% {where}"
+            f"[{format_seconds(elapsed)}] train: {100 * done / max(total, 1e-9):.0f}% {where}"
             f"{eta}{' ' + pace if pace else ''}{'  ' + status if status else ''}", highlight=False, soft_wrap=True)
 
     def summary(self, summary: RunEnded) -> None:
@@ -290,12 +345,16 @@ class TrainDisplay:
         table = Table(title=f"training summary (ended by {summary.reason})", show_header=False)
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")  # long paths wrap whole rather than end in "…"
+        # Under a time budget total_steps is only the --epochs cap, which the budget never meant to reach.
+        steps = f"{summary.steps:,}" if summary.time_budget else f"{summary.steps:,} / {summary.total_steps:,}"
+        scope = val_scope(summary.val_tokens, summary.val_split_tokens)
+        scope = f" ({scope})" if scope else ""
         rows = [
-            ("steps", f"{summary.steps:,} / {summary.total_steps:,}"),
+            ("steps", steps),
             ("epochs", f"{summary.epochs:.2f}"),
             ("final train loss", _dash(summary.train_loss, ".4f")),
-            ("final val loss", _dash(summary.val_loss, ".4f")),
-            ("best val loss", _dash(summary.best_val_loss, ".4f")),
+            ("final val loss", _dash(summary.val_loss, ".4f") + scope),
+            ("best val loss", _dash(summary.best_val_loss, ".4f") + scope),
             ("time", format_seconds(summary.elapsed)),
             (f"tokens/s ({summary.timed_steps:,} steps, {warmup})", speed),
             ("best checkpoint", summary.best),

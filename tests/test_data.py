@@ -23,7 +23,8 @@ from microgpt_cli.data.dataprep import _read_chunks, prepare
 from microgpt_cli.data.dataset import data_fingerprint, open_split, read_meta
 from microgpt_cli.errors import MicroGPTError
 
-from clitools import microgpt
+from clitools import assert_one_error_line as one_error_line
+from clitools import microgpt, run_cli
 
 # Pieces that stress every split pattern at a chunk boundary: blank lines, CRLF, trailing and
 # leading whitespace, Unicode spaces and line separators, "/" after a newline (o200k), CJK, emoji.
@@ -68,7 +69,9 @@ def test_char_on_shakespeare_is_nanogpt_like_and_lossless(shakespeare: Path, tmp
     assert meta["inputs"] == [{"path": str(shakespeare), "sha256": digest, "bytes": len(text)}]
     assert meta["version"] == 1 and meta["val_fraction"] == 0.1 and meta["chars_per_token"] == 1.0
     assert meta["seconds"] >= 0
-    assert totals == [2 * len(text)] and seen[-1] == totals[0] and seen == sorted(seen)  # two passes
+    # Progress counts the input's bytes (1.1 MB, not 2.2): each of the two passes (the vocabulary,
+    # then the ids) counts half.
+    assert totals == [len(text)] and seen[-1] == len(text) and seen == sorted(seen) and len(text) // 2 in seen
     assert data_fingerprint(meta)["inputs"] == [meta["inputs"][0]["sha256"]]
     assert leftovers(tmp_path) == []
 
@@ -194,10 +197,10 @@ def test_a_failure_midway_leaves_nothing_and_keeps_the_old_dir(tmp_path: Path) -
         prepare([source], out, chunk_bytes=4096)
     assert not out.exists() and leftovers(tmp_path) == []
     out.mkdir()
-    (out / "keep.txt").write_text("old", encoding="utf-8")
+    (out / "meta.json").write_text("old", encoding="utf-8")
     with pytest.raises(MicroGPTError, match="not valid UTF-8"):
         prepare([source], out, force=True, chunk_bytes=4096)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
+    assert [p.name for p in out.iterdir()] == ["meta.json"] and leftovers(tmp_path) == []
 
 
 # --- the CLI ---------------------------------------------------------------------------------
@@ -319,17 +322,84 @@ def interrupt_midway(workdir: Path, sig: int) -> subprocess.CompletedProcess[byt
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
-def test_ctrl_c_or_kill_leaves_the_old_dir_and_no_temp_dir(shakespeare: Path, tmp_path: Path) -> None:
-    signals = {"ctrl-c": signal.SIGINT, "kill": signal.SIGTERM}
+def test_ctrl_c_or_kill_leaves_the_old_dir_and_no_temp_dir(shakespeare: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C and SIGTERM clean up at once; what kill -9 leaves (a temp dir of megabytes) goes at
+    the next prepare of that dir."""
+    signals = {"ctrl-c": signal.SIGINT, "kill": signal.SIGTERM, "kill -9": signal.SIGKILL}
     for name in signals:
         (tmp_path / name / "data").mkdir(parents=True)
-        (tmp_path / name / "data" / "keep.txt").write_text("old", encoding="utf-8")
+        (tmp_path / name / "data" / "meta.json").write_text("old", encoding="utf-8")
         (tmp_path / name / "big.txt").write_bytes(shakespeare.read_bytes() * 30)
-    with ThreadPoolExecutor(len(signals)) as pool:  # both at once: each spends seconds importing torch
+    with ThreadPoolExecutor(len(signals)) as pool:  # all at once: each spends seconds importing torch
         runs = dict(zip(signals, pool.map(interrupt_midway, [tmp_path / n for n in signals], signals.values())))
     for name, run in runs.items():
+        assert [p.name for p in (tmp_path / name / "data").iterdir()] == ["meta.json"], name
+        if name == "kill -9":
+            assert run.returncode == -signal.SIGKILL and leftovers(tmp_path / name), name
+            continue
         assert run.returncode == 130 and b"Traceback" not in run.stderr, (name, run.stderr)
         last = run.stderr.decode().strip().splitlines()[-1]
         assert last == "stopped: prepare was interrupted; nothing was written: data is as it was", (name, last)
-        assert [p.name for p in (tmp_path / name / "data").iterdir()] == ["keep.txt"], name
         assert leftovers(tmp_path / name) == [], name
+    monkeypatch.chdir(tmp_path / "kill -9")
+    (tmp_path / "kill -9" / "small.txt").write_text("Alpha beta gamma.\n" * 50, encoding="utf-8")
+    code, _, err = run_cli(capsys, "prepare", "small.txt", "--tokenizer", "char", "--force")
+    assert code == 0, err
+    assert leftovers(tmp_path / "kill -9") == [] and splits(tmp_path / "kill -9" / "data")[0]["vocab_size"] == 13
+
+
+def test_force_replaces_only_a_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """--force replaced whatever --out named: the corpus itself, a checkpoint, a run dir, a dir of notes."""
+    monkeypatch.chdir(tmp_path)
+    Path("corpus.txt").write_text("Alpha beta gamma.\n" * 50, encoding="utf-8")
+    Path("model.pt").write_bytes(b"PK\x03\x04 weights")
+    for directory, files in {"run": ["best.pt", "metrics.jsonl"], "notes": ["meta.json", "todo.txt"],
+                             "empty": [], "data": ["meta.json", "train.bin", "val.bin"]}.items():
+        Path(directory).mkdir()
+        for name in files:
+            (Path(directory) / name).write_text(f"{directory} {name}", encoding="utf-8")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out, fragment in (("corpus.txt", "corpus.txt is a file, not a data dir"), ("model.pt", "is a file"),
+                          ("run", "run holds best.pt, metrics.jsonl: it is not a data dir"),
+                          ("notes", "notes holds todo.txt: it is not a data dir made by `microgpt prepare`")):
+        code, _, err = run_cli(capsys, "prepare", "corpus.txt", "--tokenizer", "char", "--out", out, "--force")
+        one_error_line(code, err, fragment)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before and leftovers(tmp_path) == []
+    for out in ("empty", "data"):  # what prepare makes, or nothing at all, is replaced
+        code, _, err = run_cli(capsys, "prepare", "corpus.txt", "--tokenizer", "char", "--out", out, "--force")
+        assert code == 0, err
+        assert splits(Path(out))[0]["vocab_size"] == 13
+
+
+def test_the_old_dir_a_kill_left_moved_aside_is_put_back(tmp_path: Path) -> None:
+    """A kill between --force's two renames leaves the old data dir under a hidden name and no
+    data dir: the next prepare puts it back before anything else."""
+    source = tmp_path / "text.txt"
+    source.write_text("Alpha beta gamma.\n" * 50, encoding="utf-8")
+    old = tmp_path / ".data.old-0123abcd"
+    prepare([source], old, tokenizer="char")
+    (tmp_path / ".data.tmp-89abcdef").mkdir()  # the new one, half-written
+    with pytest.raises(MicroGPTError, match="data already exists"):
+        prepare([source], tmp_path / "data")
+    assert splits(tmp_path / "data")[0]["vocab_size"] == 13 and leftovers(tmp_path) == []
+
+
+def test_each_epoch_shifts_its_windows_by_its_own_random_offset() -> None:
+    """Windows start at offset + k * context, the offset drawn per epoch: a split of 1,000 tokens
+    with context 10 trains on every alignment of the text over the epochs, not only on k * 10."""
+    from microgpt_cli.data.dataset import Batches
+
+    tokens = np.arange(1000, dtype=np.uint16)  # each token is its position
+    batches = Batches(tokens, context=10, batch_size=7, seed=3)
+    offsets = []
+    for epoch in range(8):
+        starts = np.concatenate([batches.get(epoch * batches.per_epoch + i)[0][:, 0]
+                                 for i in range(batches.per_epoch)]).astype(int)
+        assert len(set(starts % 10)) == 1 and len(set(starts)) == len(starts)  # one shift, no window twice
+        x, y = batches.get(epoch * batches.per_epoch)
+        assert np.array_equal(y, x + 1) and starts.max() + 11 <= len(tokens)
+        offsets.append(int(starts[0] % 10))
+    assert len(set(offsets)) > 1 and set(offsets) != {0}, offsets

@@ -291,7 +291,7 @@ def test_hf_export_refuses_what_gpt2_cannot_express(option: str, value: object, 
                                                     make_checkpoint: Callable[..., Path], tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     path = make_checkpoint(**{option: value})
-    code, _, err = run_cli(capsys, "export", "-c", path, "--out", tmp_path / "hf")
+    code, _, err = run_cli(capsys, "export", "-c", path, "--out", tmp_path / "hf", "--format", "hf")
     assert code == 1 and fragment in err and "--format safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "hf").exists()
 

@@ -35,17 +35,21 @@ def test_cached_logits_match_uncached(position: str) -> None:
     with torch.inference_mode():
         # Prompts of different lengths (one longer than the context): the rows slide at different steps.
         consumed = [5, context + 4]
+        # The window each row holds, by the documented rule rather than the engine's own count: the
+        # whole sequence until it fills the context, then the newest context // 2 tokens, and so on.
+        held = [min(n, context) for n in consumed]
         logits = [engine.prefill(row, seq[row, :n]) for row, n in enumerate(consumed)]
+        slides = 0
         for _ in range(2 * context - 4):
             for row, n in enumerate(consumed):
-                # Until the cache first fills, the cached model sees exactly the whole sequence; after a
-                # slide it sees the newest tokens from position 0, i.e. the sequence since the slide.
-                held = engine.lengths[row]
-                assert 0 < held <= context
-                torch.testing.assert_close(logits[row], model(seq[row : row + 1, n - held : n])[0, -1],
+                assert engine.lengths[row] == held[row]
+                torch.testing.assert_close(logits[row], model(seq[row : row + 1, n - held[row] : n])[0, -1],
                                            atol=1e-5, rtol=1e-5)
             logits = list(engine.step(torch.stack([seq[row, n] for row, n in enumerate(consumed)])))
+            slides += sum(h == context for h in held)
+            held = [context // 2 if h == context else h + 1 for h in held]
             consumed = [n + 1 for n in consumed]
+        assert slides >= 4  # each row slid at least twice
 
 
 def test_the_captured_step_over_the_whole_cache_matches_the_eager_step() -> None:

@@ -100,7 +100,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A `microgpt import` of a random GPT-2 (context 48, dropout 0.1) and its `export --format hf`."""
     root = tmp_path_factory.mktemp("model")
     checkpoint, _, _ = import_model(str(hf_gpt2(root / "hf")), root / "model.pt", False)
-    return checkpoint, export(checkpoint, root / "export", "hf")
+    return checkpoint, export(checkpoint, root / "export", "hf").path
 
 
 @pytest.fixture(scope="module")

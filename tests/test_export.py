@@ -13,6 +13,7 @@ import torch
 
 from microgpt_cli.config import PRESETS, ModelConfig
 from microgpt_cli.data.tokenizer import from_spec
+from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.io import checkpoint
 from microgpt_cli.io.export import export, load_safetensors_export
 from microgpt_cli.model.gpt import GPT
@@ -86,3 +87,37 @@ def test_hf_export_config_describes_the_checkpoint(spec: dict[str, Any], options
     assert hf.activation_function == {"gelu": "gelu_new", "relu": "relu"}[c.activation]  # gelu_new: the tanh form
     assert hf.layer_norm_epsilon == 1e-5 and hf.tie_word_embeddings == c.tie_weights
     assert hf.resid_pdrop == hf.embd_pdrop == hf.attn_pdrop == c.dropout
+
+
+def test_auto_format_picks_what_the_model_can_be(tmp_path: Path) -> None:
+    """`export` without --format: a transformers GPT-2 where the architecture allows (hf), else the
+    plain weights, saying why, rather than an error on `--preset cpu`'s model."""
+    far_from_init(tmp_path / "cpu.pt", CHARS, **CPU_SHAPE)
+    far_from_init(tmp_path / "gpt2.pt", CHARS, activation="gelu")
+    cpu = export(tmp_path / "cpu.pt", tmp_path / "cpu")
+    assert cpu.format == "safetensors" and "--position rope" in cpu.note and "--qk-norm" in cpu.note
+    load_safetensors_export(tmp_path / "cpu")
+    gpt2 = export(tmp_path / "gpt2.pt", tmp_path / "gpt2")
+    assert gpt2.format == "hf" and gpt2.note == ""
+    assert json.loads((tmp_path / "gpt2" / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_force_replaces_only_an_export_and_clears_what_a_killed_export_left(tmp_path: Path) -> None:
+    far_from_init(tmp_path / "m.pt", CHARS)
+    foreign = {"notes": {"todo.txt": "mine"}, "their-hf": {"config.json": '{"model_type": "gpt2"}',
+                                                           "model.safetensors": "theirs"}}
+    for name, files in foreign.items():
+        (tmp_path / name).mkdir()
+        for file, text in files.items():
+            (tmp_path / name / file).write_text(text)
+        with pytest.raises(MicroGPTError, match=f"{name} .*not a dir made by `microgpt export`"):
+            export(tmp_path / "m.pt", tmp_path / name, "safetensors", force=True)
+        assert {p.name: p.read_text() for p in (tmp_path / name).iterdir()} == files
+    # An export killed mid-write (kill -9) leaves a temp dir and its lock; the next export to that dir clears them.
+    (tmp_path / ".exp.tmp-0123abcd").mkdir()
+    (tmp_path / ".exp.tmp-0123abcd" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".exp.lock").write_text("12345\n")
+    export(tmp_path / "m.pt", tmp_path / "exp", "safetensors")
+    export(tmp_path / "m.pt", tmp_path / "exp", "hf", force=True)  # its own export: replaced
+    assert "model_type" in (tmp_path / "exp" / "config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "m.pt", "notes", "their-hf"]

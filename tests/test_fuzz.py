@@ -616,7 +616,7 @@ def train_options() -> Slots:
         "eval_interval": option("--eval-interval", int_text(st.integers(1, 3))),
         "eval_tokens": option("--eval-tokens", int_text(st.integers(0, 100))),
         "log_interval": option("--log-interval", int_text(st.integers(1, 3))),
-        "seed": option("--seed", int_text(st.integers(0, 2**63 - 1))),
+        "seed": option("--seed", int_text(st.integers(0, 2**32 - 1))),
         "device": option("--device", DEVICES),
         "threads": option("--threads", int_text(st.sampled_from([0, 1, 2, 1024, 1025, 100000]), any_int=False)),
         "dropout": option("--dropout", float_text(st.floats(0, 0.99))),
@@ -691,7 +691,7 @@ def generate_cases() -> st.SearchStrategy[tuple[str, Part]]:
         "temperature": option("--temperature", temperatures),
         "top_k": option("--top-k", int_text(st.integers(1, 100))),
         "top_p": option("--top-p", float_text(st.floats(0.01, 1), tiny=True)),
-        "seed": option("--seed", int_text(st.integers(0, 2**63 - 1))),
+        "seed": option("--seed", int_text(st.integers(0, 2**32 - 1))),
         "stop": option("--stop", prompt),
         "config": option("--config", config_input(GENERATE_KEYS, GENERATE_GOOD_TOML)),
     }, most=3)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from microgpt_cli.io import checkpoint
 from microgpt_cli.io.export import export
 from microgpt_cli.io.pretrained import import_model
 
-from clitools import GPT2_SHAPES, hf_gpt2, microgpt
+from clitools import GPT2_SHAPES, assert_one_error_line, hf_gpt2, microgpt, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,3 +104,98 @@ def test_bad_sources_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.Monk
         import_model(str(good), tmp_path / "out.pt")
     run = microgpt("import", tmp_path / "nope", "--out", tmp_path / "x.pt", check=False)
     assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+
+
+def _rewrite_weights(directory: Path, change: Any) -> None:
+    """Apply `change` to the tensors of a saved transformers model (name -> tensor dict), in place."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    change(tensors)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_gpt2_attention_mask_buffers_are_not_imported_as_weights(tmp_path: Path) -> None:
+    """The Hub's GPT-2 files hold h.N.attn.bias (a causal mask) and h.N.attn.masked_bias, next to
+    the real h.N.attn.c_attn.bias: constants, not weights, and never mixed up with them."""
+    source = hf_gpt2(tmp_path / "hf")
+    reference = transformers.GPT2LMHeadModel.from_pretrained(source).eval()
+    n_pos = GPT2_SHAPES["small"]["n_positions"]
+
+    def add_buffers(tensors: dict[str, torch.Tensor]) -> None:
+        for i in range(GPT2_SHAPES["small"]["n_layer"]):
+            tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos)
+            tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        for name in [n for n in tensors if n.startswith("transformer.")]:  # as the Hub stores them: no prefix
+            tensors[name.removeprefix("transformer.")] = tensors.pop(name)
+
+    _rewrite_weights(source, add_buffers)
+    _, model, _ = import_model(str(source), tmp_path / "model.pt")
+    names = checkpoint.load(tmp_path / "model.pt").model
+    assert not any("mask" in name or name.endswith(".attn.bias") for name in names)
+    idx = torch.randint(0, 50257, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_weights_that_config_json_does_not_describe_are_refused(tmp_path: Path) -> None:
+    """It used to import the first n_layer layers of a deeper model, and NaN, infinite or int8
+    weights, whose model then printed GGGGGGG with exit status 0."""
+    import json
+
+    source = hf_gpt2(tmp_path / "hf")  # two layers
+    config = json.loads((source / "config.json").read_text())
+
+    def variant(name: str, change: Any = None, **config_changes: Any) -> str:
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+        (directory / "config.json").write_text(json.dumps({**config, **config_changes}))
+        if change is not None:
+            _rewrite_weights(directory, change)
+        return str(directory)
+
+    def poison(value: float) -> Any:
+        return lambda t: t["transformer.h.1.mlp.c_fc.weight"].view(-1).__setitem__(7, value)
+
+    def to_int8(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["transformer.h.0.attn.c_proj.weight"] = tensors["transformer.h.0.attn.c_proj.weight"].to(torch.int8)
+
+    cases = {
+        variant("fewer-layers", n_layer=1): "says n_layer 1, but the weights hold 2 layers (h.0 to h.1)",
+        variant("nan", poison(math.nan)): "NaN or infinite values in transformer.h.1.mlp.c_fc.weight",
+        variant("inf", poison(math.inf)): "NaN or infinite values in transformer.h.1.mlp.c_fc.weight",
+        variant("int8", to_int8): "holds transformer.h.0.attn.c_proj.weight as int8; model weights must be floating",
+    }
+    for directory, message in cases.items():
+        with pytest.raises(MicroGPTError, match=re.escape(message)):
+            import_model(directory, tmp_path / "out.pt")
+        assert not (tmp_path / "out.pt").exists()
+
+
+def test_force_replaces_only_a_checkpoint_and_clears_what_a_killed_import_left(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = hf_gpt2(tmp_path / "hf")
+    capsys.readouterr()  # transformers' own progress bar
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    code, _, err = run_cli(capsys, "import", source, "--out", notes, "--force")
+    assert_one_error_line(code, err, "notes.txt is not a microgpt checkpoint; --force replaces only those")
+    assert notes.read_text() == "my notes"
+    # What `kill -9` leaves mid-write (atomic_write's temp file, the lock) goes at the next import.
+    import tempfile
+
+    fd, partial = tempfile.mkstemp(prefix=".model.pt.", suffix=".tmp", dir=tmp_path)
+    os.write(fd, b"PK\x03\x04 half a checkpoint")
+    os.close(fd)
+    (tmp_path / ".model.pt.lock").write_text("12345\n")
+    (tmp_path / "model.pt").write_bytes((tmp_path / "notes.txt").read_bytes())
+    code, _, err = run_cli(capsys, "import", source, "--out", tmp_path / "model.pt", "--force")
+    assert_one_error_line(code, err, "model.pt is not a microgpt checkpoint")
+    (tmp_path / "model.pt").unlink()
+    code, _, err = run_cli(capsys, "import", source, "--out", tmp_path / "model.pt")
+    assert code == 0, err
+    assert not Path(partial).exists() and not (tmp_path / ".model.pt.lock").exists()
+    code, _, err = run_cli(capsys, "import", source, "--out", tmp_path / "model.pt", "--force")  # its own: replaced
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model.pt", "notes.txt"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +292,28 @@ def test_sampling_and_eval_never_see_the_padding(char_tokenizer: Tokenizer) -> N
     loss_sum, count, _ = split_loss(padded, tokens, 4, torch.device("cpu"))
     reference_sum, reference_count, _ = split_loss(model, tokens, 4, torch.device("cpu"))
     assert count == reference_count and loss_sum == pytest.approx(reference_sum, rel=1e-5)
+
+
+def test_dropout_is_off_wherever_a_model_is_scored_or_sampled(char_tokenizer: Tokenizer, tmp_path: Path) -> None:
+    """A model with dropout 0.5, handed over in training mode, scores and samples exactly as its
+    dropout-free twin: evaluation (also the one inside training), decoding, and a loaded checkpoint."""
+    from microgpt_cli.infer.evaluation import split_loss
+    from microgpt_cli.infer.sampling import generate_text
+    from microgpt_cli.io import checkpoint
+
+    noisy = tiny_model(char_tokenizer.vocab_size, dropout=0.5).train()
+    clean = tiny_model(char_tokenizer.vocab_size, dropout=0.0)
+    tokens = np.asarray(char_tokenizer.encode(TINY_TEXT))
+    assert split_loss(noisy, tokens, 4)[0] == pytest.approx(split_loss(clean, tokens, 4)[0], rel=1e-6)
+    assert noisy.training  # handed back as it came
+    def sample(model: GPT) -> str:
+        return generate_text(model, "Hello", 40, char_tokenizer, temperature=1.0, top_k=None, seed=3)
+
+    assert sample(noisy) == sample(clean)
+    checkpoint.save(tmp_path / "noisy.pt", checkpoint.Checkpoint.of(noisy, char_tokenizer))
+    loaded, _ = checkpoint.load_checkpoint(tmp_path / "noisy.pt")
+    idx = torch.tensor([char_tokenizer.encode(TINY_TEXT[:16])])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), loaded(idx)) and torch.allclose(loaded(idx), clean.eval()(idx), atol=1e-6)
+    with torch.no_grad():  # teeth: in training mode the same model's logits do move
+        assert not torch.equal(noisy.train()(idx), noisy(idx))

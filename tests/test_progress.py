@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import io
 import re
+import time
+from dataclasses import replace
 from typing import Any
 
 from rich.console import Console, Group
 
 from microgpt_cli.config import ModelConfig, TrainConfig
-from microgpt_cli.progress import TrainDisplay
-from microgpt_cli.training.events import EvalProgress, Evaluated, Logged, Metrics, RunEnded, RunStarted, StepDone
+from microgpt_cli.progress import Task, TrainDisplay
+from microgpt_cli.training.events import (
+    EvalProgress,
+    Evaluated,
+    Logged,
+    Metrics,
+    Planned,
+    RunEnded,
+    RunStarted,
+    StepDone,
+)
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -69,8 +80,83 @@ def test_under_a_time_budget_the_clock_drives_the_bar_and_the_start_line_says_so
         display.event(StepDone(3, 10.0, 6))
         lines = screen(display)
         assert "50%" in lines[0] and "step 3/~6" in lines[0]
-    text = console.export_text()
+        display.event(ended(steps=46, time_budget=20.0, reason="time budget"))
+    text = " ".join(console.export_text().split())
     assert "the 20 s time budget decides the length" in text and "254,670 steps (" not in text
+    # The summary's step count: the --epochs cap (254,670) was never the plan under a budget.
+    assert re.search(r"│ steps │ 46 │", text) and "254,670" not in text.split("training summary")[1], text
+
+
+def ended(**fields: Any) -> RunEnded:
+    summary = dict(steps=2, total_steps=100, epochs=0.03, best_val_loss=3.5, train_loss=4.1, val_loss=3.5, elapsed=6.0,
+                   tokens_per_sec=2000.0, params=1, best="out/best.pt", last="out/last.pt", reason="steps")
+    return RunEnded(**{**summary, **fields})
+
+
+def test_on_a_terminal_long_lines_wrap_between_words_and_numbers_read_well() -> None:
+    """Rich wraps the start line and the settings at word boundaries (a terminal would cut them
+    mid-word); steps per epoch read 3,921, not 3,921.0; a partial val split is named at every val
+    loss; warnings and the pre-flight estimate show, with a hint when a CPU run would take hours."""
+    console = Console(width=80, file=io.StringIO(), force_terminal=True, color_system=None, record=True)
+    run = started(max_steps=30)
+    run = RunStarted(**{**run.__dict__, "steps_per_epoch": 3921.0, "device": "cpu",
+                        "warnings": ("--warmup-steps 100 is longer than this run",)})
+    with TrainDisplay(console) as display:
+        display.event(run)
+        display.event(Planned(6, 10.6, 95_154, 1_005_000.0, "cpu", 0.0))
+        display.event(Evaluated(replace(metrics(250, 2.3417), val_tokens=13_312, val_split_tokens=111_537), 2.3417,
+                                True, 13_312, 254_670))
+        display.event(ended(val_loss=2.3417, best_val_loss=2.3417, val_tokens=13_312, val_split_tokens=111_537))
+    raw = console.export_text()
+    printed = [line for line in raw.splitlines() if "eta" not in line]  # the live bar's frames aside
+    assert all(len(line) <= 80 for line in printed), printed  # a settings line of 700 characters once
+    words = {word for line in printed for word in line.split()}
+    assert {"context=512", "min_lr_ratio=0.1", "warmup_steps=100", "tokens)"} <= words  # wrapped between words
+    text = " ".join(raw.split())
+    assert "(3,921 per epoch)" in text and "3,921.0" not in text
+    assert "warning: --warmup-steps 100 is longer than this run" in text
+    assert "pre-flight: 44.90M parameters · 4,096 tokens per step · 10.6 s/step measured" in text
+    assert "95,154 more steps take ~11.6 days with evaluations" in text
+    assert "hint: this run would take 11.6 days on this CPU; `--preset cpu --time-budget 300`" in text
+    scope = "on 12% of the val split: 13,312 of 111,537 tokens"
+    assert f"step 250: val loss 2.3417 ({scope}) (best, saved)" in text
+    for row in ("final val loss", "best val loss"):  # the summary says it too
+        assert re.search(rf"{row} │ 2\.3417 \(on 12% of the val", text), text
+
+
+def test_no_hint_for_a_short_run_or_under_a_time_budget() -> None:
+    out = io.StringIO()
+    display = TrainDisplay(Console(width=300, file=out, force_terminal=False), interval=0.0)
+    display.event(started())
+    display.event(Planned(6, 0.5, 1_000, 600.0, "cpu", 0.0))
+    display.event(Planned(6, 10.6, 40, 60.0, "cpu", 60.0))
+    display.event(Planned(6, 10.6, 95_154, 1_005_000.0, "cuda", 0.0))
+    text = out.getvalue()
+    assert "1,000 more steps take ~10 min" in text and "~40 more steps fit the 60 s time budget" in text
+    assert "hint" not in text
+
+
+def test_plain_lines_stamp_the_time_of_the_line_and_separate_thousands(monkeypatch: Any) -> None:
+    """In a log, lines written while an evaluation runs carry their own time, not the last step's;
+    and `microgpt eval`'s progress lines write 58,880/111,537, not 58880/111537."""
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    display = TrainDisplay(Console(width=300, file=out, force_terminal=False), interval=10.0)
+    display.event(started())
+    display.event(StepDone(250, 30.0, 254_670))
+    for done in (10_000, 20_000):
+        clock[0] += 12.0
+        display.event(EvalProgress(250, done, 36_058))
+    stamps = re.findall(r"^\[(\d\d:\d\d)\] train", out.getvalue(), re.M)
+    assert stamps[-2:] == ["00:42", "00:54"], out.getvalue()
+
+    out = io.StringIO()
+    task = Task("eval", total=None, unit="tokens", console=Console(width=300, file=out, force_terminal=False))
+    with task:
+        clock[0] += 12.0
+        task.update(58_880, total=111_537)
+    assert "58,880/111,537 tokens" in out.getvalue() and "[00:12]" in out.getvalue(), out.getvalue()
 
 
 def test_plain_lines_when_not_on_a_terminal() -> None:

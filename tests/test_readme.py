@@ -9,9 +9,9 @@ What runs, and how:
   with HOME in a temp dir (`microgpt --install-completion` writes rc files there, never in the real HOME)
   no MICROGPT_* variables from the caller's environment, and one torch thread each (OMP_NUM_THREADS=1).
   Exit status 0 is required of every command.
-- REWRITES (below) is the complete list of changes made to commands before they run: the `pip install`
-  prefix goes (the project is installed; CI runs the README's install + test command itself, see
-  `test_ci_runs_the_readmes_test_command`) and training shrinks to a seconds-long tiny model.
+- REWRITES (below) is the complete list of changes made to commands before they run: the virtualenv step
+  and the `pip install` prefix go (the project is installed; CI runs the README's install + test command
+  itself, see `test_ci_runs_the_readmes_test_command`) and training shrinks to a seconds-long tiny model.
 - Grouping: the blocks of a SEQUENTIAL_SECTIONS section (the Tutorial) run in order in one shared
   workspace, as a reader would type them. Every other block runs alone in a fresh workspace holding the
   text files examples name (input.txt, book.txt, notes/, start.txt, other.txt: slices of the packaged
@@ -58,6 +58,8 @@ TINY_TRAIN_FLAGS = ("--n-layer 1 --n-embed 32 --n-head 2 --context 32 --batch-si
 REWRITES: dict[str, str] = {
     # The project is already installed in this interpreter's environment; .ci/run installs it for real.
     r"^pip install\b.*$": "",
+    r"^python3? -m venv \S+$": "",
+    r"^source \S+/bin/activate$": "",
     # Every training run (microgpt train, or `-m microgpt_cli train` under torchrun) becomes a 1-layer,
     # 32-wide model that stops after 10 steps with 2 evaluations (so loss plots have a curve). Appended, so
     # these flags win over the README's own (the later flag wins) and over --preset, --config files,

@@ -254,3 +254,16 @@ def test_frequency_and_presence_penalties_lower_the_logits_of_tokens_already_sam
     text = generate_text(model, "H", 20, char_tokenizer, temperature=0, presence_penalty=2.0, frequency_penalty=2.0)
     new = char_tokenizer.encode(text)[1:]
     assert len(set(new)) == len(new) == 20
+
+
+def test_text_before_a_stop_that_starts_mid_token_is_kept() -> None:
+    """GPT-2 tokens are often whole words: a stop string starting inside one (" world" holding
+    "orld") still lets the token's text before it through (" w")."""
+    tokenizer = named("gpt2")
+    text = "Hello world, and then some more words."
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids[:2]) == "Hello world"  # " world" is one token
+    for stop in ("orld", "orld, and", "world"):
+        detok = Detokenizer(tokenizer, stop=("never there", stop))
+        pieces = [detok.push(i) for i in ids] + [detok.finish()]
+        assert "".join(pieces) == text[: text.index(stop)] and detok.stopped, stop

@@ -5,6 +5,7 @@ layout is read in one place, and cheap commands stay cheap to start."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from microgpt_cli.serve.settings import ServeSettings
 from microgpt_cli.training import distributed
 from microgpt_cli.training.loop import build_run
 
-from clitools import run_cli
+from clitools import assert_one_error_line, run_cli
 
 
 def command(name: str) -> Any:
@@ -143,3 +144,62 @@ def test_help_and_info_do_not_import_torch_or_matplotlib() -> None:
     code = "import sys, microgpt_cli.training.loop; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"  # a plot is drawn only at an evaluation
+
+
+COMMANDS = ("prepare", "train", "eval", "generate", "import", "serve", "info", "plot", "export")
+
+
+def test_help_reads_at_80_columns_with_value_names_and_without_aliases(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every --help at 80 columns: descriptions get at least 38 columns (train's got 22), values are
+    named as a user reads them (no <list[str]>, {source}, <float>), aliases are accepted but not listed."""
+    monkeypatch.setenv("COLUMNS", "80")
+    shown: dict[str, str] = {}
+    for name in ("", *COMMANDS):
+        code, out, err = run_cli(capsys, *([name] if name else []), "--help")
+        assert code == 0, err
+        assert all(len(line) <= 80 for line in out.splitlines()), out
+        for leak in ("<list", "<int>", "<float>", "<str>", "<path>", "<bool>", "{", "}"):  # a flag takes no value
+            assert leak not in out, (name, leak)
+        for alias in ("--n-ma", "--text-size", "--batches", "--n-embd", "--block-size", "--max-new-tokens"):
+            assert alias not in out, (name, alias)
+        shown[name] = out
+    train = shown["train"]
+    description = re.search(r"--max-steps\s+INTEGER\s+(Stop after)", train)
+    assert description is not None and description.start(1) - train.rfind("\n", 0, description.start(1)) <= 42
+    assert re.search(r"--preset\s+cpu\|finetune\|gpt2\s", train)
+    assert "gpt2: GPT-2 small" in " ".join(train.replace("│", " ").split())
+    assert re.search(r"--tie-weights\s+Share", train) and "--untie-weights" in train  # a negative under its flag
+    assert "Usage: microgpt import [OPTIONS] SOURCE" in shown["import"]
+    assert "Usage: microgpt plot [OPTIONS] RUN_DIRS..." in shown["plot"]
+    assert "Usage: microgpt prepare [OPTIONS] [INPUTS]..." in shown["prepare"]
+    evaluate = " ".join(shown["eval"].replace("│", " ").split())
+    assert "--data PATH Prepared data dir whose whole validation split is scored. [env var: MICROGPT_DATA] " \
+           "[default: data]" in evaluate  # not "(data)"
+    quantize = evaluate.split("--quantize")[1]
+    assert "dynamic int8" in quantize and "weight-only" not in quantize  # what the README says it is
+
+
+def test_a_bare_microgpt_prints_the_help_and_nothing_else(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys)
+    assert code == 0 and "Usage: microgpt" in out and "Commands" in out and err == "", err
+
+
+def test_aliases_reach_their_settings(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """nanoGPT's and litgpt's names (--n-embd, --block-size, --max-new-tokens) and the original ones
+    (--n-ma, --text-size, --batches) set the same settings as the listed names, in flags and in
+    --config files alike."""
+    config = tmp_path / "run.toml"
+    config.write_text("n_embd = 16\nbatches = 2\n")
+    code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "run", "--config", config,
+                           "--n-layer", "1", "--n-ma", "2", "--block-size", "8", "--max-steps", "1",
+                           "--eval-tokens", "20", "--device", "cpu")
+    assert code == 0, err
+    state = checkpoint.load(tmp_path / "run")
+    assert (state.model_config.n_embed, state.model_config.n_head, state.model_config.context) == (16, 2, 8)
+    assert state.train_settings.batch_size == 2
+    code, out, err = run_cli(capsys, "generate", "-c", tmp_path / "run", "--prompt", "Hi", "--max-new-tokens", "7",
+                             "--text-size", "3")
+    assert_one_error_line(code, err, "--text-size")  # a train option, not one of generate's
+    code, out, err = run_cli(capsys, "generate", "-c", tmp_path / "run", "--prompt", "Hi", "--max-new-tokens", "7")
+    assert code == 0 and "7 tokens in" in err, err

@@ -103,15 +103,30 @@ def test_kill_9_leaves_a_checkpoint_that_resumes_exactly(trained: Path, char_dat
     out = tmp_path / "run"
     args = ["train", "--data", str(char_data), "--out", str(out), *TINY, "--max-steps", "60", "--eval-interval", "20"]
     proc = start(*args)
-    # Kill as soon as the first checkpoint exists, most likely while the next one is being written.
-    wait_for(lambda: (out / "last.pt").exists(), timeout=120)
-    time.sleep(0.3)
+    # Kill once the first checkpoint exists and metrics.jsonl has gone past it, most likely while
+    # the next log line or checkpoint is being written.
+    wait_for(lambda: (out / "last.pt").exists() and max(logged_steps(out), default=0) > 20, timeout=120)
     proc.kill()
     proc.communicate()
-    assert torch.load(out / "last.pt", weights_only=True)["step"] in (20, 40, 60)
+    saved = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert saved in (20, 40, 60) and max(logged_steps(out)) > saved
     microgpt(*args, "--resume")
     reference, resumed = weights(trained / "last.pt"), weights(out / "last.pt")
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    # The lines logged past last.pt were dropped on resume: those steps were trained again.
+    steps = logged_steps(out)
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 60
+
+
+def logged_steps(out: Path) -> list[int]:
+    """The steps of metrics.jsonl's lines, a line being written (cut short) left out."""
+    steps = []
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            continue
+    return steps
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
@@ -359,3 +374,80 @@ def test_the_summarys_tokens_per_sec_leaves_the_warm_up_out(small_char_data: Pat
     short = run("short", 2)  # one window, cut short by the end: all there is, and the summary says so
     assert short.timed_steps == 2 and not short.warmup_excluded
     assert "tokens/s (2 steps, warm-up included)" in capsys.readouterr().err
+
+
+# --- the first hour: what a new user meets -----------------------------------------------------
+
+
+def test_a_run_shorter_than_its_warmup_warms_up_over_a_tenth_of_it(small_char_data: Path, tmp_path: Path) -> None:
+    """--max-steps 30 with the default 100 warm-up steps used to end at 0.3x the peak LR, silently."""
+    cfg = TrainConfig(data=str(small_char_data), out=str(tmp_path / "run"), max_steps=30, batch_size=2)
+    run = training.build_run(ModelConfig(n_layer=1, n_head=2, n_embed=16, context=8), cfg, resume=False, force=False,
+                             world=training.distributed.World())
+    assert run.cfg.warmup_steps == 3 and "--warmup-steps 100 is longer than this run of 30 steps" in run.warnings[0]
+    assert "0.30x the peak LR" in run.warnings[0]
+    assert max(lr_factor(step, run.total_steps, run.cfg) for step in range(30)) == pytest.approx(1.0)
+    long = training.build_run(None, replace(cfg, max_steps=300), resume=False, force=False,
+                              world=training.distributed.World())
+    assert long.cfg.warmup_steps == 100 and long.warnings == []
+
+
+def test_preflight_estimate_and_partial_val_split_are_reported(small_char_data: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """After a few timed steps the run says how long it will take; a val loss measured on part of the
+    split says so in every place that shows it: the events, metrics.jsonl, the checkpoints, `info`."""
+    from microgpt_cli.training.events import Evaluated, Planned, RunStarted
+
+    from clitools import run_cli
+
+    events: list[Any] = []
+    cfg = TrainConfig(data=str(small_char_data), out=str(tmp_path / "run"), max_steps=12, eval_interval=6,
+                      eval_tokens=500, log_interval=3)
+    model = ModelConfig(n_layer=1, n_head=2, n_embed=16, context=16)
+    summary = training.train(model, cfg, on_event=events.append)
+    plans = [e for e in events if isinstance(e, Planned)]
+    assert len(plans) == 1 and plans[0].step == 6 and plans[0].steps == 6 and plans[0].seconds_per_step > 0
+    # Six steps to go and two evaluations (with saves): more than the steps alone.
+    assert plans[0].seconds > 6 * plans[0].seconds_per_step and plans[0].device == "cpu"
+    started = next(e for e in events if isinstance(e, RunStarted))
+    assert started.train_config.warmup_steps == 1 and "--warmup-steps 100" in started.warnings[0]
+    split = json.loads((small_char_data / "meta.json").read_text())["splits"]["val"]["tokens"] - 1
+    evaluated = [e.metrics for e in events if isinstance(e, Evaluated)]
+    assert [(m.val_tokens, m.val_split_tokens) for m in evaluated] == [(500, split)] * 2
+    assert (summary.val_tokens, summary.val_split_tokens) == (500, split)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["val_tokens"], r["val_split_tokens"]) for r in rows if "val_loss" in r] == [(500, split)] * 2
+    code, out, err = run_cli(capsys, "info", tmp_path / "run")
+    assert code == 0, err
+    scope = f"on {100 * 500 / split:.0f}% of the val split: 500 of {split:,} tokens"
+    assert f"val loss      │ {summary.val_loss:.4f} ({scope})" in out, out
+
+
+def test_a_presets_learning_rates_reach_the_optimizers(small_char_data: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The optimizers' groups, as saved in last.pt, train at the preset's LRs (gpt2: lr 6e-4, cpu:
+    Muon at 0.04), not at the defaults (3e-3, 0.02); a flag still beats the preset."""
+    from microgpt_cli.config import PRESETS
+
+    from clitools import run_cli
+
+    tiny = ["--n-layer", "1", "--n-embed", "16", "--n-head", "2", "--context", "8", "--batch-size", "2",
+            "--max-steps", "1", "--eval-tokens", "20", "--data", small_char_data, "--device", "cpu"]
+    for preset, extra, expected in (("gpt2", ["--no-compile", "--pad-vocab", "1"], [PRESETS["gpt2"]["lr"]] * 2),
+                                    ("cpu", [], [PRESETS["cpu"]["lr"]] * 2 + [PRESETS["cpu"]["muon_lr"]]),
+                                    ("cpu", ["--muon-lr", "0.01"], [PRESETS["cpu"]["lr"]] * 2 + [0.01])):
+        out = tmp_path / f"{preset}{len(extra)}"
+        code, _, err = run_cli(capsys, "train", "--preset", preset, *tiny, *extra, "--out", out)
+        assert code == 0, err
+        training_state = checkpoint.load(out / "last.pt").training
+        assert training_state is not None
+        groups = [g for opt in training_state.optimizers for g in opt["param_groups"]]
+        assert [g["base_lr"] for g in groups] == pytest.approx(expected), preset
+
+
+def test_training_into_its_own_data_dir_is_refused(small_char_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from clitools import assert_one_error_line, run_cli
+
+    code, _, err = run_cli(capsys, "train", "--data", small_char_data, "--out", small_char_data / ".." / "data")
+    assert_one_error_line(code, err, "is the data dir itself")
+    assert sorted(p.name for p in small_char_data.iterdir()) == ["meta.json", "train.bin", "val.bin"]

@@ -25,7 +25,7 @@ from microgpt_cli.config import available_cpus, check_threads
 from microgpt_cli.data import tokenizer as tok_lib
 from microgpt_cli.data.dataset import META_FILE, META_VERSION, SPLITS
 from microgpt_cli.errors import MicroGPTError, describe_os_error
-from microgpt_cli.io.files import atomic_dir, write_synced
+from microgpt_cli.io.files import atomic_dir, check_replaceable, output_lock, write_synced
 
 # --- prepare ---------------------------------------------------------------------------------
 
@@ -85,11 +85,12 @@ def prepare(
 
     The last `val_fraction` of every input goes to val. Text streams through in chunks cut where
     tokenization cannot change, so memory stays flat and ids equal encoding each part whole.
-    `on_total(n)` is called once with the bytes to process (inputs times passes: char and bpe
-    read the corpus twice), then `on_progress(done)` as they are processed. Everything is written
+    `on_total(n)` is called once with the input's size in bytes, then `on_progress(done)` as the
+    work advances, in those bytes (char and bpe read the text twice: each pass counts half). Everything is written
     to a hidden temp dir beside `out` and renamed into place at the end, so an error or Ctrl-C
-    leaves `out` as it was; an existing `out` is only replaced with `force`. `threads` encode
-    chunks at once (default: one per CPU this process may use).
+    leaves `out` as it was (and a kill -9 leaves a temp dir the next prepare of `out` removes). An
+    existing `out` is only replaced with `force`, and only if it is a data dir (or empty). `threads`
+    encode chunks at once (default: one per CPU this process may use).
     """
     started = time.monotonic()
     out = Path(out)
@@ -98,14 +99,14 @@ def prepare(
     try:
         files = _resolve_inputs(inputs, out, sample)
         tok = None if tok_lib.needs_corpus(tokenizer) else tok_lib.named(tokenizer)
-        with atomic_dir(out, force) as tmp:
+        with output_lock(out, "`microgpt prepare`"), atomic_dir(out, force) as tmp:
             sources = _plan_sources(files, tmp, stdin, val_fraction)
             size = sum(s.size for s in sources)
             if size == 0:
                 raise MicroGPTError("the input is empty; give prepare some text")
             if on_total:
-                on_total(size * (2 if tok is None else 1))
-            progress = _Progress(on_progress)
+                on_total(size)
+            progress = _Progress(on_progress, passes=2 if tok is None else 1)
             if tok is None:
                 texts = (text for _, text, _ in _read_texts(sources, errors, chunk_bytes, progress))
                 tok = _build_tokenizer(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE, texts)
@@ -144,6 +145,8 @@ def _check_options(out: Path, tokenizer: str, vocab_size: int | None, val_fracti
     tok_lib.check_name(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE)
     if (out.exists() or out.is_symlink()) and not force:
         raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if force:
+        check_replaceable(out, {META_FILE, *(f"{split}.bin" for split in SPLITS)}, "a data dir", "`microgpt prepare`")
 
 
 SAMPLES = {name: f"{name}.txt" for name in get_args(SampleName)}  # packaged corpora: see samples/README.md
@@ -243,14 +246,17 @@ def _val_start(f: BinaryIO, size: int, val_fraction: float) -> int:
 
 
 class _Progress:
-    def __init__(self, callback: Callable[[int], None] | None):
+    """Bytes processed, reported in bytes of the input: with several passes over it, each counts its share."""
+
+    def __init__(self, callback: Callable[[int], None] | None, passes: int = 1):
         self.callback = callback
+        self.passes = passes
         self.done = 0
 
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
         if self.callback:
-            self.callback(self.done)
+            self.callback(self.done // self.passes)
 
 
 def _read_texts(sources: list[_Source], errors: str, chunk_bytes: int, progress: _Progress,

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from microgpt_cli.config import ModelConfig, check_threads
+from microgpt_cli.config import MAX_SEED, ModelConfig, check_threads
 from microgpt_cli.device import free_memory
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer.threads import ThreadChooser
@@ -257,14 +257,15 @@ class _CapturedStep:
 
 def make_generators(device: torch.device, seed: int | None, n: int) -> list[torch.Generator]:
     """One random stream per sample: sample i draws from seed + i, so it is the same sample
-    whether it is decoded alone (with that seed) or in a batch."""
+    whether it is decoded alone (with that seed) or in a batch. Seeds wrap at MAX_SEED, which
+    every device's generator honours whole (the CPU's keeps 32 bits)."""
     generators = []
     for i in range(n):
         generator = torch.Generator(device=device)
         if seed is None:
             generator.seed()
         else:
-            generator.manual_seed(seed + i)
+            generator.manual_seed((seed + i) % (MAX_SEED + 1))
         generators.append(generator)
     return generators
 

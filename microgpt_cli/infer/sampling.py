@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from microgpt_cli.config import SamplingSettings, check_threads, is_text
+from microgpt_cli.config import SamplingSettings, check_threads, is_text, stop_strings
 from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer.engine import Engine, count_sampled, make_generators, sample_next
@@ -134,7 +134,7 @@ class BatchStream:
         self.sampler = sampler
         self.prompts = list(prompts)
         self.settings = settings
-        self.stops = [*([settings.stop] if settings.stop else []), *stops]
+        self.stops = [*stop_strings(settings.stop), *stops]
         self.echo = echo
         self.ids = [prompt_ids(sampler.tokenizer, p) for p in self.prompts]
         self.new_ids: list[list[int]] = [[] for _ in self.prompts]
@@ -274,7 +274,7 @@ def stream_text(
     top_k: int | None = DEFAULT_TOP_K,
     top_p: float = DEFAULT_TOP_P,
     seed: int | None = DEFAULT_SEED,
-    stop: str | None = None,
+    stop: str | Sequence[str] | None = None,
     device: str = "auto",
     quantize: str | None = None,
     frequency_penalty: float = 0.0,
@@ -299,7 +299,7 @@ def generate_text(
     top_k: int | None = DEFAULT_TOP_K,
     top_p: float = DEFAULT_TOP_P,
     seed: int | None = DEFAULT_SEED,
-    stop: str | None = None,
+    stop: str | Sequence[str] | None = None,
     device: str = "auto",
     quantize: str | None = None,
     frequency_penalty: float = 0.0,
@@ -320,7 +320,7 @@ def generate_texts(
     top_k: int | None = DEFAULT_TOP_K,
     top_p: float = DEFAULT_TOP_P,
     seed: int | None = DEFAULT_SEED,
-    stop: str | None = None,
+    stop: str | Sequence[str] | None = None,
     device: str = "auto",
     quantize: str | None = None,
     frequency_penalty: float = 0.0,

@@ -86,6 +86,15 @@ class Checkpoint:
         return self.metrics.get("val_loss")
 
     @property
+    def val_tokens(self) -> int | None:
+        """The validation tokens val_loss (and best_val) was measured on; see events.Metrics."""
+        return self.metrics.get("val_tokens")
+
+    @property
+    def val_split_tokens(self) -> int | None:
+        return self.metrics.get("val_split_tokens")
+
+    @property
     def best_val(self) -> float | None:
         best = self.training.best_val if self.training else self.val_loss
         return None if best is None or math.isinf(best) else best
@@ -132,12 +141,14 @@ class Checkpoint:
                                 f"{self.model_config.vocab_size:,} (vocab_size): they do not belong together")
 
     def check_weights(self) -> None:
-        """Refuse a config that does not make the stored weights' count, before building its model:
-        the config of a damaged or hostile file may claim a huge one."""
+        """Refuse a config that does not make the stored weights' count, before building its model
+        (the config of a damaged or hostile file may claim a huge one), and weights no trained
+        model has: integer tensors, NaN or infinity (a model made of them samples garbage)."""
         expected = count_params(self.model_config)
         if expected != self.num_params:
             raise MicroGPTError(f"checkpoint weights do not match its model config: the config makes "
                                 f"{expected:,} parameters, the weights hold {self.num_params:,}")
+        check_tensors(self.model, "the checkpoint")
 
     def build_model(self) -> GPT:
         """The model rebuilt from the stored config, never from CLI flags. It holds the tensors of
@@ -205,6 +216,16 @@ class Checkpoint:
             # The stored settings' field names (n_layer), not flags: the file is wrong, not the command.
             raise MicroGPTError(f"{path} is not a valid microgpt checkpoint: {exc}".splitlines()[0][:400]) from None
         return checkpoint
+
+
+def check_tensors(weights: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that are not floating point, or hold NaN or infinity, naming the first."""
+    for name, tensor in weights.items():
+        if not tensor.is_floating_point():
+            raise MicroGPTError(f"{source} holds {name} as {str(tensor.dtype).removeprefix('torch.')}; model weights "
+                                f"must be floating point (fp32, fp16 or bf16)")
+        if not bool(torch.isfinite(tensor).all()):
+            raise MicroGPTError(f"{source} holds NaN or infinite values in {name}: these weights cannot be used")
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -280,6 +301,20 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
         raise MicroGPTError(f"{path} is not a microgpt checkpoint (not a torch.save file, or truncated)")
     _check_integrity(path)
     return Checkpoint.from_dict(load_weights_only(path, map_location, "microgpt checkpoint"), path)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a microgpt checkpoint, read cheaply (tensors memory-mapped, not loaded,
+    nor checksummed): what a --force may replace."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # anything torch.load cannot read is not ours, whatever it is
+        return False
+    return isinstance(state, dict) and all(key in state for key in _REQUIRED)
 
 
 def load_weights_only(path: Path, map_location: str | torch.device = "cpu", what: str = "checkpoint") -> Any:

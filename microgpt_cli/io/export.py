@@ -14,11 +14,11 @@ import json
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 from microgpt_cli.config import ModelConfig
 from microgpt_cli.errors import MicroGPTError
-from microgpt_cli.io.files import atomic_dir
+from microgpt_cli.io.files import atomic_dir, check_replaceable, output_lock
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from microgpt_cli.io.checkpoint import Checkpoint
     from microgpt_cli.model.gpt import GPT
 
-ExportFormat = Literal["hf", "safetensors"]
+ExportFormat = Literal["auto", "hf", "safetensors"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -45,38 +45,71 @@ GPT2_BLOCK_NAMES = {
 _HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_new"}  # ours is the tanh approximation, HF's gelu_new
 
 
-def export(checkpoint_path: str | Path, out: str | Path, format: str = "hf", force: bool = False) -> Path:
-    """Export a checkpoint file or run dir to the directory `out`; returns `out`.
+class Exported(NamedTuple):
+    path: Path
+    format: str  # what was written: hf or safetensors
+    note: str  # why, where "auto" chose safetensors
 
-    An existing non-empty `out` is replaced only with `force` (and only once the new one is
-    complete)."""
+
+def export(checkpoint_path: str | Path, out: str | Path, format: str = "auto", force: bool = False) -> Exported:
+    """Export a checkpoint file or run dir to the directory `out` as `format`: hf, safetensors, or
+    auto (hf where GPT-2's architecture can express the model, else safetensors).
+
+    An existing non-empty `out` is replaced only with `force`, only if an earlier export made it,
+    and only once the new one is complete."""
     from microgpt_cli.io import checkpoint
 
     if format not in FORMATS:
         raise MicroGPTError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
-        raise MicroGPTError(
-            f"{out} already exists and is not empty; pass --force to replace it or choose another --out")
-    state = checkpoint.load(checkpoint_path)
-    state.build_model()  # the weights fit the config they are exported with, or a clear error
-    if format == "hf":
-        check_gpt2_compatible(state.model_config)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not force:
+            raise MicroGPTError(
+                f"{out} already exists and is not empty; pass --force to replace it or choose another --out")
+        _check_replaceable(out)
     from safetensors import SafetensorError
 
+    with output_lock(out, "`microgpt export`"):  # which also clears what a killed export to `out` left
+        state = checkpoint.load(checkpoint_path)
+        state.build_model()  # the weights fit the config they are exported with, or a clear error
+        problems = gpt2_problems(state.model_config)
+        note = ""
+        if format == "auto":
+            format = "safetensors" if problems else "hf"
+            note = f"not hf: a transformers GPT-2 cannot express {'; '.join(problems)}" if problems else ""
+        elif format == "hf" and problems:
+            raise MicroGPTError(f"this model cannot be exported as a Hugging Face GPT-2: {'; '.join(problems)}; "
+                                f"use --format safetensors instead")
+        try:
+            with atomic_dir(out, force=True) as tmp:
+                if format == "hf":
+                    _write_hf(tmp, state)
+                else:
+                    _write_safetensors(tmp, state)
+        except SafetensorError as exc:  # its I/O errors (a full disk, say) are not OSErrors
+            raise MicroGPTError(f"cannot write {out / WEIGHTS_FILE}: {exc}") from exc
+    return Exported(out, format, note)
+
+
+EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, "vocab.json", "merges.txt", "special_tokens_map.json",
+                "tokenizer_config.json"}
+
+
+def _check_replaceable(out: Path) -> None:
+    """`export --force` replaces what an export made (its files, with a config.json that says
+    microgpt wrote it), never an unrelated dir or file."""
+    check_replaceable(out, EXPORT_FILES, "a dir", "`microgpt export`")
     try:
-        with atomic_dir(out, force=True) as tmp:
-            if format == "hf":
-                _write_hf(tmp, state)
-            else:
-                _write_safetensors(tmp, state)
-    except SafetensorError as exc:  # its I/O errors (a full disk, say) are not OSErrors
-        raise MicroGPTError(f"cannot write {out / WEIGHTS_FILE}: {exc}") from exc
-    return out
+        config = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if not (isinstance(config, dict) and (config.get("format") == "microgpt" or "microgpt" in config)):
+        raise MicroGPTError(f"{out} is not a dir made by `microgpt export` (no {CONFIG_FILE} of microgpt's); --force "
+                            f"replaces only those: choose another --out")
 
 
-def check_gpt2_compatible(config: ModelConfig) -> None:
-    """Refuse, naming every option, a model that GPT-2's architecture cannot express exactly."""
+def gpt2_problems(config: ModelConfig) -> list[str]:
+    """The options of a model that GPT-2's architecture cannot express exactly (none: it can)."""
     problems = []
     if config.position != "learned":
         problems.append(f"--position {config.position} (GPT-2 has learned positions)")
@@ -88,11 +121,7 @@ def check_gpt2_compatible(config: ModelConfig) -> None:
         problems.append("--qk-norm (GPT-2 has no query/key norm)")
     if not config.bias:
         problems.append("--no-bias (GPT-2 has biases)")
-    if problems:
-        raise MicroGPTError(
-            f"this model cannot be exported as a Hugging Face GPT-2: {'; '.join(problems)}; "
-            f"use --format safetensors instead"
-        )
+    return problems
 
 
 def _save_weights(tensors: dict[str, torch.Tensor], directory: Path) -> None:

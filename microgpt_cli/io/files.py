@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -216,6 +217,59 @@ def dir_lock(directory: Path, purpose: str) -> Iterator[None]:
         lock_path.unlink(missing_ok=True)  # while still held, so no one else holds this file
         os.close(fd)
         remove_empty(created)  # a run that failed before writing anything leaves no empty dir behind
+
+
+@contextmanager
+def output_lock(out: Path, purpose: str) -> Iterator[None]:
+    """Hold an exclusive lock on writing `out`, a file or dir that atomic_write or atomic_dir makes
+    whole, and clear what a writer of it killed mid-way (kill -9, a power cut) left beside it:
+    temp files and dirs, and the old version a `--force` had moved aside. The lock is the file
+    `.OUT.lock` beside `out`, held with flock (see dir_lock) and deleted on release."""
+    created = make_dir(out.parent)
+    lock_path = out.parent / f".{out.name}.lock"
+    try:
+        fd = _acquire(lock_path, out, purpose)
+    except BaseException:
+        remove_empty(created)
+        raise
+    try:
+        _clear_leftovers(out)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+        remove_empty(created)
+
+
+def _clear_leftovers(out: Path) -> None:
+    name = re.escape(out.name)
+    temp_dir = re.compile(rf"\.{name}\.(tmp|old)-[0-9a-f]{{8}}")  # make_temp_dir, install_dir
+    temp_file = re.compile(rf"\.{name}\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")  # atomic_write's mkstemp
+    for path in sorted(out.parent.iterdir()):
+        if not path.name.startswith(f".{out.name}."):
+            continue
+        if temp_dir.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            if ".old-" in path.name and not (out.exists() or out.is_symlink()):
+                os.rename(path, out)  # killed between install_dir's two renames: the old version is all there is
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        elif temp_file.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def check_replaceable(out: Path, ours: set[str], made: str, made_by: str) -> None:
+    """For a --force that replaces `out`: refuse, in one line, anything but a dir holding only
+    names in `ours` (or nothing): `made` says what the command makes ("a data dir"), `made_by` which
+    command (`microgpt prepare`). A command replaces only what it made."""
+    what = f"{made} made by {made_by}; --force replaces only those: choose another --out"
+    if not out.is_dir():
+        if out.exists() or out.is_symlink():
+            raise MicroGPTError(f"{out} is a file, not {what}")
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise MicroGPTError(f"{out} holds {shown}: it is not {what}")
 
 
 def file_sha256(path: Path) -> str:

@@ -9,6 +9,7 @@ from the files: safetensors, or torch.load(weights_only=True).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +19,32 @@ from microgpt_cli.config import Activation, ModelConfig
 from microgpt_cli.data.tokenizer import GPT2_END_OF_TEXT, Tokenizer, named
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.io import checkpoint
+from microgpt_cli.io.checkpoint import check_tensors
 from microgpt_cli.io.export import CONFIG_FILE, GPT2_BLOCK_NAMES, WEIGHTS_FILE, load_safetensors_export
+from microgpt_cli.io.files import output_lock
 from microgpt_cli.model.gpt import GPT, block_param
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 HUB_FILES = [CONFIG_FILE, WEIGHTS_FILE]
 # transformers' names -> ours; our GELU is the tanh approximation, GPT-2's gelu_new.
+_MASK_BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")  # GPT-2's causal-mask constants, saved in older files
 _ACTIVATIONS: dict[str, Activation] = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
 
 def import_model(source: str, out: str | Path, force: bool = False) -> tuple[Path, GPT, Tokenizer]:
-    """Write the checkpoint of `source` to `out` (refusing to replace a file unless `force`);
-    returns the path written, the model and its tokenizer (GPT-2's, or an export's own)."""
+    """Write the checkpoint of `source` to `out` (replacing a file only with `force`, and only a
+    microgpt checkpoint); returns the path written, the model and its tokenizer (GPT-2's, or an
+    export's own)."""
     out = Path(out)
-    if out.exists() and not force:
-        raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
     if out.is_dir():
         raise MicroGPTError(f"{out} is a directory; --out takes the checkpoint file to write, e.g. gpt2.pt")
-    directory = _local_directory(source)
-    model, tokenizer = _load(directory)
-    checkpoint.save(out, checkpoint.Checkpoint.of(model, tokenizer))
+    if out.exists() and not force:
+        raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if out.exists() and not checkpoint.is_checkpoint(out):
+        raise MicroGPTError(f"{out} is not a microgpt checkpoint; --force replaces only those: choose another --out")
+    with output_lock(out, "`microgpt import`"):  # which also clears what a killed import of `out` left
+        model, tokenizer = _load(_local_directory(source))
+        checkpoint.save(out, checkpoint.Checkpoint.of(model, tokenizer))
     return out, model, tokenizer
 
 
@@ -182,8 +189,14 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _from_gpt2_names(weights: dict[str, torch.Tensor], config: ModelConfig, directory: Path) -> dict[str, torch.Tensor]:
-    """GPT-2's tensor names (with or without the `transformer.` prefix) -> ours; Conv1D weights transposed."""
+    """GPT-2's tensor names (with or without the `transformer.` prefix) -> ours; Conv1D weights
+    transposed. GPT-2's attention-mask buffers (h.N.attn.bias, h.N.attn.masked_bias: constants in
+    older files, not weights) are left out."""
     plain = {k.removeprefix("transformer."): v for k, v in weights.items()}
+    layers = {int(m.group(1)) for k in plain if (m := re.match(r"h\.(\d+)\.", k))}
+    if layers and max(layers) >= config.n_layer:
+        raise MicroGPTError(f"{directory / CONFIG_FILE} says n_layer {config.n_layer}, but the weights hold "
+                            f"{max(layers) + 1} layers (h.0 to h.{max(layers)}); importing would drop the rest")
     try:
         state = {"tok_emb.weight": plain["wte.weight"], "pos_emb.weight": plain["wpe.weight"],
                  "norm.weight": plain["ln_f.weight"], "norm.bias": plain["ln_f.bias"]}
@@ -199,4 +212,6 @@ def _from_gpt2_names(weights: dict[str, torch.Tensor], config: ModelConfig, dire
         state["head.weight"] = weights["lm_head.weight"]
     else:
         raise MicroGPTError(f"{directory} lacks lm_head.weight for its untied head")
+    # Before .float() would turn int8 weights into plausible floats; by the file's own names.
+    check_tensors({k: v for k, v in weights.items() if not _MASK_BUFFER.search(k)}, str(directory))
     return {k: v.float() for k, v in state.items()}

@@ -37,7 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from microgpt_cli.config import MAX_PENALTY, MAX_SEED, InvalidSetting, check_threads
+from microgpt_cli.config import MAX_PENALTY, MAX_SEED, InvalidSetting, check_threads, stop_strings
 from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.device import resolve_device
 from microgpt_cli.errors import MicroGPTError
@@ -53,6 +53,7 @@ from microgpt_cli.serve.logprobs import CompletionLogprobs, chat_logprobs, promp
 from microgpt_cli.serve.metrics import Metrics
 from microgpt_cli.serve.settings import ServeSettings
 from microgpt_cli.serve.unsupported import unsupported_parameter
+from microgpt_cli.training.events import val_scope
 
 log = logging.getLogger("microgpt.serve")
 
@@ -74,6 +75,7 @@ class ModelInfo:
     context: int
     step: int | None
     val_loss: float | None
+    val_scope: str = ""  # what val_loss was measured on where not the whole split ("on 12% of ...")
     chat_template: bool = False  # False: chat is a plain transcript (the model is not instruction-tuned)
 
 
@@ -106,10 +108,13 @@ class _Sampling(BaseModel):
         return body
 
     def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ClientError(400, "stop takes up to 4 non-empty strings", "stop")
-        return stops
+        try:
+            stops = stop_strings(self.stop)  # checked as generate's --stop is
+        except InvalidSetting as exc:
+            raise ClientError(400, str(exc), "stop") from None
+        if len(stops) > 4:
+            raise ClientError(400, "stop takes up to 4 strings", "stop")
+        return list(stops)
 
 
 class CompletionRequest(_Sampling):
@@ -527,6 +532,7 @@ def model_info(checkpoint_path: Path, sampler: Sampler, metrics: dict[str, Any])
         id=name or "microgpt", checkpoint=str(checkpoint_path), parameters=sampler.engine.num_params,
         tokenizer=sampler.tokenizer.name, vocab_size=sampler.tokenizer.vocab_size,
         context=sampler.engine.context, step=metrics.get("step"), val_loss=float(val) if val is not None else None,
+        val_scope=val_scope(metrics.get("val_tokens"), metrics.get("val_split_tokens")),
     )
 
 

@@ -27,9 +27,21 @@ class Metrics:
     elapsed: float  # seconds of the whole run so far, resumes included
     val_loss: float | None = None  # only at evaluations
     mfu: float | None = None  # model FLOPs utilization of the window (CUDA only): achieved / peak FLOP/s per GPU
+    # At evaluations: the validation tokens val_loss was measured on, and those of the whole split
+    # (fewer under a time budget or --eval-tokens; every evaluation of a run scores the same ones).
+    val_tokens: int | None = None
+    val_split_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def val_scope(scored: int | None, split: int | None) -> str:
+    """What a val loss was measured on, where not the whole split: "on 12% of the val split:
+    13,312 of 111,537 tokens"; "" for the whole split, or where the counts are not known."""
+    if scored is None or split is None or scored >= split:
+        return ""
+    return f"on {100 * scored / max(split, 1):.0f}% of the val split: {scored:,} of {split:,} tokens"
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,19 @@ class RunStarted:
     init_from: dict[str, Any] = field(default_factory=dict)  # {"path", "sha256"} of the start weights, if any
     peak_flops: float | None = None  # per device, what MFU divides by (CUDA only)
     peak_source: str = ""  # where peak_flops comes from
+    warnings: tuple[str, ...] = ()  # settings the run adjusted, and why
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The pre-flight estimate, once the first steps have been timed."""
+
+    step: int
+    seconds_per_step: float  # measured after the first step (compilation, caches) of this call
+    steps: int  # steps this call plans to train: to --max-steps/--epochs, or what fits the time budget
+    seconds: float  # the estimated time for them, evaluations and saves included
+    device: str
+    time_budget: float
 
 
 @dataclass(frozen=True)
@@ -112,9 +137,12 @@ class RunEnded:
     timed_steps: int = 0
     warmup_excluded: bool = True  # False: the run was too short to leave its first log window out
     mfu: float | None = None  # at tokens_per_sec (CUDA only)
+    time_budget: float = 0.0  # the run's --time-budget (0: none)
+    val_tokens: int | None = None  # what the val losses were measured on (see Metrics)
+    val_split_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-Event = Union[RunStarted, StepDone, Logged, EvalProgress, Evaluated, RunEnded]
+Event = Union[RunStarted, Planned, StepDone, Logged, EvalProgress, Evaluated, RunEnded]

@@ -58,6 +58,7 @@ from microgpt_cli.training.events import (
     Event,
     Logged,
     Metrics,
+    Planned,
     RunEnded,
     RunStarted,
     StepDone,
@@ -69,6 +70,7 @@ EVAL_SHARE = 0.1  # under --time-budget, one evaluation may take at most this sh
 FORWARD_SHARE = 1 / 3  # a forward pass's share of a training step, to predict an evaluation's time
 SAVE_BYTES_PER_SEC = 300e6  # a conservative disk speed, to predict a save before one is timed
 MAX_STEPS = 10**15  # a step count no run reaches; caps --epochs 1e300
+PREFLIGHT_STEPS, PREFLIGHT_SECONDS = 5, 5.0  # the pre-flight estimate times this many steps, or seconds
 BYTES_PER_TRAINED_PARAM = 16  # fp32 weights, gradients and AdamW's two moments (activations come on top)
 _DISCARD = ".discard"  # where a new run moves the previous one's files before deleting them
 
@@ -115,6 +117,7 @@ class Run:
     resumed: bool = False
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     init_from: dict[str, Any] = field(default_factory=dict)  # {"path", "sha256"} of the start weights, if any
+    warnings: list[str] = field(default_factory=list)  # settings adjusted to the run, and why
 
     @property
     def tokens_per_step(self) -> int:
@@ -193,6 +196,16 @@ def planned_steps(cfg: TrainConfig, batches: Batches) -> tuple[int, float]:
     return (min(total, cfg.max_steps) if cfg.max_steps else total), steps_per_epoch
 
 
+def fit_warmup(cfg: TrainConfig, total_steps: int) -> tuple[TrainConfig, str]:
+    """A run of `total_steps` that would end inside its warm-up never reaches the peak LR: warm up
+    over a tenth of it instead (as a time budget does). Returns the settings and what changed."""
+    fitted = total_steps // 10
+    end = lr_factor(total_steps - 1, total_steps, cfg, 0.0, None)
+    return replace(cfg, warmup_steps=fitted), (
+        f"--warmup-steps {cfg.warmup_steps:,} is longer than this run of {total_steps:,} steps, which would end at "
+        f"{end:.2f}x the peak LR; warming up over {fitted:,} steps instead (a tenth of the run)")
+
+
 def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, force: bool,
               world: distributed.World, given: set[str] | None = None) -> Run:
     """Check the data and options, build or restore the model and optimizers.
@@ -235,6 +248,10 @@ def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     total_steps, steps_per_epoch = planned_steps(cfg, batches)
+    warnings = []
+    if saved is None and cfg.warmup_steps >= total_steps:
+        cfg, warning = fit_warmup(cfg, total_steps)
+        warnings.append(warning)
 
     params = count_params(model_config)
     ensure_fits(params, BYTES_PER_TRAINED_PARAM, device, "train")
@@ -246,7 +263,7 @@ def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, 
             del start  # its copy of the weights is not needed past here
         optimizers = build_optimizers(model, cfg, device)
     run = Run(cfg, model_config, out, world, device, tokenizer, fingerprint, model, optimizers, batches,
-              val_tokens, total_steps, steps_per_epoch, changes=changes, init_from=init_from)
+              val_tokens, total_steps, steps_per_epoch, changes=changes, init_from=init_from, warnings=warnings)
     if saved is not None:
         _restore(run, saved)
     return run
@@ -492,6 +509,9 @@ def train(
     started = time.perf_counter() if started is None else started
     world = distributed.launched_world()
     out = Path(cfg.out)
+    if out.resolve() == Path(cfg.data).resolve():
+        raise MicroGPTError(f"--out {out} is the data dir itself; a run writes its checkpoints and logs into --out: "
+                            f"give it a dir of its own, such as --out out")
     with dir_lock(out, "`microgpt train`") if world.main else nullcontext():
         run = build_run(model_config, cfg, resume, force, world, given)
         distributed.init(world, run.device)
@@ -546,6 +566,7 @@ class Trainer:
         # warm-up) is kept apart and only used when no other was measured.
         self.warmup_window: tuple[int, float] | None = None  # (steps, seconds)
         self.timed_steps, self.timed_seconds = 0, 0.0
+        self.preflight: list[float] | None = []  # step times for the pre-flight estimate; None once made
 
     def train(self) -> RunEnded:
         run = self.run
@@ -568,9 +589,12 @@ class Trainer:
             while True:
                 began = time.perf_counter()
                 self._step()
+                if self.preflight is not None and run.device.type == "cuda":
+                    torch.cuda.synchronize(run.device)  # a few steps timed whole, not just launched
                 self.clock.observe_step(time.perf_counter() - began)
                 run.elapsed = self.clock.elapsed()
                 self.emit(StepDone(run.step, run.elapsed, self._expected_steps()))
+                self._plan(time.perf_counter() - began)
                 reason = self._after_step(signals)
                 if reason:
                     return self._end(reason)
@@ -584,7 +608,33 @@ class Trainer:
             tokens_per_step=run.tokens_per_step, steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
             step=run.step, resumed=run.resumed, changes=run.changes, init_from=run.init_from,
             peak_flops=self.peak[0] if self.peak else None, peak_source=self.peak[1] if self.peak else "",
+            warnings=tuple(run.warnings),
         )
+
+    def _plan(self, step_seconds: float) -> None:
+        """Once the first few steps are timed (the first of this call, which warms caches up, left
+        out), estimate the time to the end of the run: the pre-flight line."""
+        if self.preflight is None:
+            return
+        run = self.run
+        if run.step > self.first_step + 1:
+            self.preflight.append(step_seconds)
+        times = self.preflight
+        if not times or (len(times) < PREFLIGHT_STEPS and sum(times) < PREFLIGHT_SECONDS):
+            return
+        self.preflight = None
+        per_step = statistics.median(times)
+        if run.cfg.time_budget:
+            steps = self._expected_steps() - run.step
+            seconds = max(0.0, run.cfg.time_budget - run.elapsed)
+        else:
+            steps = run.total_steps - run.step
+            evaluations = steps // run.cfg.eval_interval + 1
+            eval_tokens = min(run.cfg.eval_tokens or len(run.val_tokens), len(run.val_tokens))
+            forward_per_token = FORWARD_SHARE * per_step / (run.tokens_per_step / run.world.size)
+            save = 4 * run.model.num_params() * 4 / SAVE_BYTES_PER_SEC + 0.5  # as Clock.reserve predicts it
+            seconds = steps * per_step + evaluations * (eval_tokens / run.world.size * forward_per_token + save)
+        self.emit(Planned(run.step, per_step, steps, seconds, str(run.device), run.cfg.time_budget))
 
     def _step(self) -> None:
         """One optimizer step over --grad-accum micro-batches, without waiting for the device."""
@@ -707,7 +757,8 @@ class Trainer:
         improved = val_loss < run.best_val
         run.best_val = min(run.best_val, val_loss)
         run.elapsed = clock.elapsed()
-        metrics = replace(metrics, val_loss=val_loss, elapsed=run.elapsed)
+        metrics = replace(metrics, val_loss=val_loss, elapsed=run.elapsed, val_tokens=scored,
+                          val_split_tokens=len(run.val_tokens) - 1)
         self.files.record(metrics)
         self.files.plot()
         if improved:
@@ -745,7 +796,8 @@ class Trainer:
             elapsed=run.elapsed,
             tokens_per_sec=tokens_per_sec, params=run.model.num_params(), best=str(run.out / "best.pt"),
             last=str(run.out / "last.pt"), reason=reason, timed_steps=steps, warmup_excluded=warmup_excluded,
-            mfu=self._mfu(tokens_per_sec) if steps else None,
+            mfu=self._mfu(tokens_per_sec) if steps else None, time_budget=run.cfg.time_budget,
+            val_tokens=last.val_tokens if last else None, val_split_tokens=last.val_split_tokens if last else None,
         )
         self.emit(summary)
         return summary
