@@ -294,9 +294,17 @@ def test_time_budget_warms_up_and_decays_within_it(the_budget_run: BudgetRun) ->
     assert rows, "the budget left no time to train"
     assert rows[-1]["step"] < 10_000  # so a warmup by steps could not have reached 10 % of the peak
     highest = max(row["lr"] for row in rows)
-    assert 0.975 * PEAK_LR <= highest <= PEAK_LR * (1 + 1e-9), (
-        f"LR peaked at {highest / PEAK_LR:.3f} of --lr; the first step ended {rows[0]['elapsed']:.1f} s into the "
-        f"budget")
+    # Each logged LR is a step's: the first step after the warmup's end starts at most one step
+    # interval past it, where the cosine (over the other nine tenths) has fallen at most this far.
+    # On a quiet machine that is 0.975 x the peak; on a busy one a step can take a good part of the
+    # schedule, and the highest LR logged is lower by as much (0.86 was seen, main as well).
+    times = [row["elapsed"] for row in rows]
+    interval = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+    span = max(times[-1] - times[0], interval, 1e-9)  # training time covered, at most the schedule's
+    floor = min(0.975, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, interval / (0.9 * span)))))
+    assert floor * PEAK_LR <= highest <= PEAK_LR * (1 + 1e-9), (
+        f"LR peaked at {highest / PEAK_LR:.3f} of --lr (floor {floor:.3f}); the first step ended "
+        f"{rows[0]['elapsed']:.1f} s into the budget, steps {interval:.2f} s apart at most")
     assert rows[-1]["lr"] < 0.3 * PEAK_LR
 
 
