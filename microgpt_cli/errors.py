@@ -9,7 +9,8 @@ class MicroGPTError(Exception):
 
 
 class Interrupted(MicroGPTError):
-    """Training stopped by Ctrl-C or SIGTERM after saving a resumable checkpoint."""
+    """A command stopped by Ctrl-C or SIGTERM; the message says what was kept (training saves a
+    resumable checkpoint first)."""
 
     exit_code = 130
     label = "stopped"
