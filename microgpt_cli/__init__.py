@@ -2,7 +2,8 @@
 
 The Python API mirrors the CLI: `prepare`, `train`, `evaluate`, `evaluate_tasks` (lm-evaluation-harness
 tasks), `load_checkpoint`, `generate_text`, `generate_texts` (a batch), `stream_text`, `load_sampler` (a
-Sampler to draw from many times) and `Scorer` (log-probabilities of given tokens).
+Sampler to draw from many times), `Scorer` (log-probabilities of given tokens) and `chat` (a reply to
+messages, with a chat model's template).
 They are imported lazily so that `microgpt --help` does not wait for torch.
 """
 
@@ -28,6 +29,7 @@ _EXPORTS = {
     "stream_text": "microgpt_cli.infer.sampling",
     "generate_texts": "microgpt_cli.infer.sampling",
     "load_sampler": "microgpt_cli.infer.sampling",
+    "chat": "microgpt_cli.infer.chat",
     "Sampler": "microgpt_cli.infer.sampling",
     "Scorer": "microgpt_cli.infer.scoring",
     "ModelConfig": "microgpt_cli.config",

@@ -198,10 +198,11 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 @app.command()
 def prepare(
+    ctx: typer.Context,
     inputs: Annotated[Optional[list[str]], typer.Argument(
         metavar="INPUTS",
-        help="Text files, directories (their non-hidden text files, recursively, sorted) or - for stdin.",
-        show_default=False)] = None,
+        help="Text files, directories (their non-hidden text files, recursively, sorted) or - for stdin; with "
+             "--chat, JSONL files of conversations.", show_default=False)] = None,
     sample: Annotated[Optional[SampleName], typer.Option(
         help="A corpus packaged with microgpt (tinyshakespeare: 1.1 MB of Shakespeare's plays), instead of "
              "or besides INPUTS.", show_default=False)] = None,
@@ -210,6 +211,15 @@ def prepare(
     tokenizer: Annotated[str, typer.Option("--tokenizer", "-t", help=(
         "gpt2 (GPT-2 BPE, offline), char (one id per distinct character), bpe (a byte-level BPE of "
         "--vocab-size trained on this text) or a tiktoken encoding name such as cl100k_base."))] = DEFAULT_TOKENIZER,
+    tokenizer_from: Annotated[Optional[Path], typer.Option(
+        help="Use the tokenizer of this checkpoint, run dir or data dir instead of --tokenizer: the data then fits "
+             "`train --init-from` that model, even where its char or bpe vocabulary came from other text.",
+        show_default=False)] = None,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help='Inputs are conversations, one JSON object per line: {"messages": [{"role": "system", "user" '
+                       'or "assistant", "content": "..."}, ...]}. Adds the chat template\'s tokens to the tokenizer '
+                       "and writes a loss mask (the assistant's tokens) beside the ids; malformed lines are "
+                       "skipped and named.")] = False,
     vocab_size: Annotated[Optional[int], typer.Option(
         help=f"Vocabulary size to train for --tokenizer bpe, 257 to 200000 ({DEFAULT_BPE_VOCAB_SIZE} when not given).",
         show_default=False)] = None,
@@ -230,6 +240,17 @@ def prepare(
     from microgpt_cli.data.dataprep import prepare as prepare_data
     from microgpt_cli.progress import Task
 
+    chosen: Any = tokenizer
+    if tokenizer_from is not None:
+        if _given(ctx, "tokenizer"):
+            raise MicroGPTError("pass --tokenizer or --tokenizer-from, not both")
+        from microgpt_cli.io.checkpoint import load_tokenizer
+
+        chosen = load_tokenizer(tokenizer_from)
+
+    def skip(line: str) -> None:
+        stderr.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
     started = time.monotonic()
     try:
         with Task(f"prepare {out}", total=None, unit="bytes") as task:
@@ -243,9 +264,9 @@ def prepare(
                     task.update(done)
 
             meta = prepare_data(
-                inputs or [], out, sample=sample, tokenizer=tokenizer, vocab_size=vocab_size,
+                inputs or [], out, sample=sample, tokenizer=chosen, vocab_size=vocab_size, chat=chat,
                 val_fraction=val_fraction, force=force, errors=errors, on_total=set_total, on_progress=progress,
-                threads=threads,
+                threads=threads, on_skip=skip,
             )
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see main)
         kept = f"{out} is as it was" if out.exists() else f"{out} was not created"
@@ -259,6 +280,12 @@ def prepare(
     table.add_row("tokenizer", escape(spec.get("name", spec["kind"])))
     table.add_row("vocab size", f"{meta['vocab_size']:,} ({meta['dtype']})")
     table.add_row("chars per token", f"{meta['chars_per_token']:.2f}")
+    if "chat" in meta:
+        facts = meta["chat"]
+        for split in facts["conversations"]:
+            table.add_row(f"{split} conversations", f"{facts['conversations'][split]:,}  "
+                                                    f"({facts['trained_tokens'][split]:,} trained tokens)")
+        table.add_row("malformed lines skipped", f"{facts['skipped_lines']:,}")
     table.add_row("seconds", f"{meta['seconds']:.1f}")
     stderr.print(table)
 
@@ -528,6 +555,53 @@ def generate(
                  f"first after {batch.first_token_seconds:.2f}s)[/]", highlight=False)
 
 
+# --- chat ------------------------------------------------------------------------------------
+
+
+@app.command()
+def chat(
+    checkpoint: CheckpointOpt = Path("out"),
+    system: Annotated[str, typer.Option(
+        help="A system message that opens the conversation (/system TEXT changes it).", show_default=False)] = "",
+    length: Annotated[int, typer.Option(
+        help="The most new tokens per reply (a reply ends sooner at the model's end of turn)."
+    )] = default_of(SamplingSettings, "length"),
+    temperature: Annotated[float, _sampling("temperature")] = default_of(SamplingSettings, "temperature"),
+    top_k: Annotated[int, _sampling("top_k")] = default_of(SamplingSettings, "top_k"),
+    top_p: Annotated[float, _sampling("top_p")] = default_of(SamplingSettings, "top_p"),
+    seed: Annotated[int, _sampling("seed")] = default_of(SamplingSettings, "seed"),
+    quantize: QuantizeOpt = "none",
+    device: DeviceOpt = "auto",
+    config: ConfigOpt = None,
+) -> None:
+    """Talk with a model fine-tuned on conversations: streamed replies, history within the context.
+    With stdin not a terminal: one message per line in, one reply per line out."""
+    from microgpt_cli.infer.chat import Conversation
+    from microgpt_cli.infer.sampling import load_sampler
+    from microgpt_cli.io.checkpoint import resolve_path
+    from microgpt_cli.repl import run
+
+    settings = SamplingSettings(length, temperature, top_k, top_p, None, seed)
+    sampler = load_sampler(checkpoint, device=device, quantize=quantize)
+    template = sampler.tokenizer.chat_template
+    stderr.print(
+        f"[dim]{escape(str(resolve_path(checkpoint)))}: {sampler.engine.num_params / 1e6:.2f}M parameters, "
+        f"{escape(sampler.tokenizer.name)} tokenizer, context {sampler.engine.context}, on {sampler.engine.device}"
+        + (f", chat template {escape(template.name)}[/]" if template else "[/]"), highlight=False, soft_wrap=True)
+    if template is None:
+        stderr.print("[yellow]note:[/] this model has no chat template (it was not fine-tuned on conversations: "
+                     "`microgpt prepare --chat`, then `train`); it continues a plain 'user: ... assistant:' "
+                     "transcript as text", highlight=False, soft_wrap=True)
+
+    def note(text: str) -> None:
+        stderr.print(f"[dim]{escape(text)}[/]", highlight=False, soft_wrap=True)
+
+    def warn(text: str) -> None:
+        stderr.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+    run(Conversation(sampler, settings, system), note, warn)
+
+
 # --- import ----------------------------------------------------------------------------------
 
 
@@ -654,6 +728,10 @@ def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
         rows = [("tokenizer", f"{tok['name']} ({tok['vocab_size']:,} tokens, stored as {facts['dtype']})")]
         rows += [(f"{split} split", f"{c['tokens']:,} tokens ({c['bytes']:,} bytes)")
                  for split, c in facts["splits"].items()]
+        if facts["chat"]:
+            chat = facts["chat"]
+            rows += [("conversations", ", ".join(f"{n:,} {split}" for split, n in chat["conversations"].items())
+                      + f" (chat template {tok['chat_template']}; {chat['skipped_lines']:,} malformed lines skipped)")]
         rows += [("input", f"{i['path']} ({i.get('bytes', 0):,} bytes, sha256 {str(i.get('sha256'))[:12]})")
                  for i in facts["inputs"]]
         return [*rows, ("prepared", facts["file"]["modified"])]
@@ -665,7 +743,8 @@ def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("model", f"{m['params']:,} parameters ({m['params'] / 1e6:.2f}M)"),
         ("shape", shape),
         ("architecture", options),
-        ("tokenizer", f"{tok['name']} ({tok['vocab_size']:,} tokens)"),
+        ("tokenizer", f"{tok['name']} ({tok['vocab_size']:,} tokens)"
+                      + (f", chat template {tok['chat_template']}" if tok["chat_template"] else ", no chat template")),
         ("trained on", f"{facts['data']['dir'] or '-'} ({len(facts['data']['inputs_sha256'])} input files)"),
     ]
     if facts["init_from"]:

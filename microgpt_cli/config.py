@@ -300,6 +300,7 @@ class SamplingSettings:
 
 
 FINETUNE_LR = 3e-4
+SFT_LR = 3e-4
 # Named hyperparameter sets for `--preset`; flags given on the command line override them.
 PRESETS: dict[str, dict[str, Any]] = {
     # The best recipe found for 2 CPU cores and a ~1 MB character-level corpus (see README).
@@ -319,6 +320,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr=FINETUNE_LR, warmup_steps=20, max_steps=300, eval_interval=50, eval_tokens=16_384, log_interval=10,
         min_lr_ratio=0.1, optimizer="adamw",
     ),
+    # Supervised fine-tuning on conversations (`prepare --chat` data, train --init-from): a few epochs of
+    # the masked loss, Muon for the blocks' matrices (in benchmarks/sft.py it learned the task in a
+    # fraction of AdamW's steps) and AdamW at a fine-tuning LR for the rest, evaluating often so that
+    # best.pt catches the point before the conversations are overfitted; the vocabulary padded to a
+    # multiple of 64 rows, so that the chat template's tokens fit in GPT-2's 50,304 rows.
+    "sft": dict(
+        optimizer="muon", muon_lr=0.02, lr=SFT_LR, warmup_steps=20, epochs=3, eval_interval=50,
+        eval_tokens=16_384, log_interval=10, min_lr_ratio=0.1, pad_vocab=64,
+    ),
     # GPT-2 small (124M): 12 layers, 12 heads, 768 wide, context 1024, 128 sequences per step. The
     # vocabulary is padded to 50,304 rows (a multiple of 128) and micro-batches are 32 sequences:
     # both only change the speed on a GPU, not the loss per step.
@@ -328,10 +338,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-PresetName = Literal["cpu", "finetune", "gpt2"]
+PresetName = Literal["cpu", "finetune", "sft", "gpt2"]
 assert set(get_args(PresetName)) == set(PRESETS), "PresetName lists the presets"
 PRESET_USES = {  # what each preset is for, as `train --help` says it
-    "cpu": "for 2 CPU cores and ~1 MB of text", "finetune": "for --init-from", "gpt2": "GPT-2 small, for a GPU",
+    "cpu": "for 2 CPU cores and ~1 MB of text", "finetune": "for --init-from",
+    "sft": "for --init-from on conversations (prepare --chat)", "gpt2": "GPT-2 small, for a GPU",
 }
 
 
@@ -366,12 +377,13 @@ def resolve(preset: str | None, overrides: dict[str, Any]) -> tuple[dict[str, An
     """Merge a preset with explicitly given options (those not None) into model and train kwargs.
     The CLI passes --config file values among the options (as defaults of its flags), which is
     how a file beats a preset and loses to a flag. A run with init_from takes its model's shape
-    from that checkpoint, so a preset's shape (all but its dropout) gives way there."""
+    from that checkpoint, so a preset's shape (all but its dropout and vocabulary padding) gives
+    way there."""
     if preset is not None and preset not in PRESETS:
         raise InvalidSetting(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", "preset")
     merged = dict(PRESETS[preset]) if preset else {}
     if overrides.get("init_from"):
-        merged = {k: v for k, v in merged.items() if k not in MODEL_FIELDS - {"dropout"}}
+        merged = {k: v for k, v in merged.items() if k not in MODEL_FIELDS - {"dropout", "pad_vocab"}}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(merged) - MODEL_FIELDS - TRAIN_FIELDS
     assert not unknown, f"options with no config field: {unknown}"

@@ -49,7 +49,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "file": _file_facts(path),
         "model": {**asdict(state.model_config), "params": state.num_params},
         "tokenizer": {"kind": spec["kind"], "name": spec.get("name", spec["kind"]),
-                      "vocab_size": state.model_config.vocab_size},
+                      "vocab_size": state.model_config.vocab_size, "chat_template": _template_name(spec)},
         "data": {"dir": state.data_dir, "inputs_sha256": state.input_hashes},
         "init_from": state.init_from or None,
         "training": {
@@ -87,6 +87,12 @@ def describe_run(path: str | Path) -> dict[str, Any]:
     return info
 
 
+def _template_name(spec: dict[str, Any]) -> str | None:
+    """The chat template a tokenizer carries (a model or data made for chat), or None."""
+    template = spec.get("chat_template")
+    return template["name"] if template else None
+
+
 def describe_data(path: str | Path) -> dict[str, Any]:
     """A data dir, after the checks training makes: meta.json against the token files, the
     tokenizer against the vocabulary size, every id inside the vocabulary."""
@@ -99,9 +105,11 @@ def describe_data(path: str | Path) -> dict[str, Any]:
     return {
         "kind": "data",
         "path": str(path),
-        "tokenizer": {"kind": spec["kind"], "name": spec.get("name", spec["kind"]), "vocab_size": meta["vocab_size"]},
+        "tokenizer": {"kind": spec["kind"], "name": spec.get("name", spec["kind"]), "vocab_size": meta["vocab_size"],
+                      "chat_template": _template_name(spec)},
         "dtype": meta["dtype"],
         "splits": meta["splits"],
+        "chat": meta.get("chat"),
         "inputs": meta.get("inputs", []),
         "file": _file_facts(path / META_FILE),
     }

@@ -246,6 +246,12 @@ class TrainDisplay:
             f"{begin} · {event.params / 1e6:.2f}M params ({m.n_layer}x{m.n_embed}, {m.n_head} heads, context "
             f"{m.context}) on {event.device} · {escape(event.tokenizer)} ({event.vocab_size:,} tokens) · "
             f"{event.train_tokens:,} train / {event.val_tokens:,} val tokens · {length}", **wrap)
+        if event.conversations:
+            dropped = (f"; {event.dropped_exchanges:,} exchanges longer than the context are left out"
+                       if event.dropped_exchanges else "")
+            self.console.print(f"chat data: {event.conversations:,} conversations packed into {event.chat_rows:,} "
+                               f"rows of {m.context} tokens; the loss is on the assistant's tokens only{dropped}",
+                               **wrap)
         if event.peak_flops:
             self.console.print(f"MFU against {event.peak_flops / 1e12:,.0f} TFLOP/s per device "
                                f"({escape(event.peak_source)})", **wrap)

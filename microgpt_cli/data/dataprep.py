@@ -1,5 +1,6 @@
-"""`prepare`: any text in, a data dir out (train.bin, val.bin, meta.json), written atomically.
-Reading data dirs back is `dataset.py`'s job."""
+"""`prepare`: any text in, a data dir out (train.bin, val.bin, meta.json), written atomically;
+with `chat=True`, conversations in (JSONL) and a loss mask beside the ids. Reading data dirs back
+is `dataset.py`'s job."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import numpy as np
 
 from microgpt_cli.config import available_cpus, check_threads
 from microgpt_cli.data import tokenizer as tok_lib
-from microgpt_cli.data.dataset import META_FILE, META_VERSION, SPLITS
+from microgpt_cli.data.chat import ChatFormat, ChatTemplate, read_messages
+from microgpt_cli.data.dataset import MASK_FILE, META_FILE, META_VERSION, SPLITS
 from microgpt_cli.errors import MicroGPTError, describe_os_error
 from microgpt_cli.io.files import atomic_dir, check_replaceable, output_lock, write_synced
 
@@ -39,6 +41,7 @@ ERROR_MODES: tuple[str, ...] = get_args(ErrorMode)
 SampleName = Literal["tinyshakespeare"]
 STDIN = "-"
 _SNIFF_BYTES = 8192
+MAX_LISTED_SKIPS = 20  # malformed chat lines named one by one; the rest are only counted
 
 # Where a chunk may end so that encoding chunk by chunk gives exactly the ids of encoding the
 # whole text, for the gpt2, cl100k, o200k and rustbpe split patterns. Right after a newline that
@@ -69,8 +72,9 @@ def prepare(
     out: str | Path = "data",
     *,
     sample: str | None = None,
-    tokenizer: str = DEFAULT_TOKENIZER,
+    tokenizer: str | tok_lib.Tokenizer = DEFAULT_TOKENIZER,
     vocab_size: int | None = None,
+    chat: bool = False,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     force: bool = False,
     errors: str = "strict",
@@ -79,6 +83,7 @@ def prepare(
     stdin: BinaryIO | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     threads: int | None = None,
+    on_skip: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenize text files (or "-" for stdin), and the packaged `sample` corpus if named, into
     `out`/{train,val}.bin and meta.json; returns meta.
@@ -91,14 +96,22 @@ def prepare(
     leaves `out` as it was (and a kill -9 leaves a temp dir the next prepare of `out` removes). An
     existing `out` is only replaced with `force`, and only if it is a data dir (or empty). `threads`
     encode chunks at once (default: one per CPU this process may use).
+
+    `tokenizer` is a name (see tokenizer.py) or a Tokenizer, such as the one of the model a
+    fine-tune starts from. With `chat`, every input is JSONL, one conversation per line
+    (`{"messages": [{"role": "user", "content": "..."}, ...]}`): see `_write_chat_splits`.
+    `on_skip` gets one line for each malformed line skipped (the first MAX_LISTED_SKIPS of them).
     """
     started = time.monotonic()
     out = Path(out)
     _check_options(out, tokenizer, vocab_size, val_fraction, force, errors)
     threads = check_threads(threads) or available_cpus()
+    if chat and sample is not None:
+        raise MicroGPTError("--sample is plain text, not conversations; give JSONL files with --chat")
     try:
         files = _resolve_inputs(inputs, out, sample)
-        tok = None if tok_lib.needs_corpus(tokenizer) else tok_lib.named(tokenizer)
+        tok = tokenizer if isinstance(tokenizer, tok_lib.Tokenizer) else (
+            None if tok_lib.needs_corpus(tokenizer) else tok_lib.named(tokenizer))
         with output_lock(out, "`microgpt prepare`"), atomic_dir(out, force) as tmp:
             sources = _plan_sources(files, tmp, stdin, val_fraction)
             size = sum(s.size for s in sources)
@@ -108,10 +121,20 @@ def prepare(
                 on_total(size)
             progress = _Progress(on_progress, passes=2 if tok is None else 1)
             if tok is None:
-                texts = (text for _, text, _ in _read_texts(sources, errors, chunk_bytes, progress))
+                assert isinstance(tokenizer, str)
+                texts = (
+                    (content for _, _, messages, _ in _read_chats(sources, errors, progress) if messages
+                     for content in (m.content for m in messages)) if chat
+                    else (text for _, text, _ in _read_texts(sources, errors, chunk_bytes, progress)))
                 tok = _build_tokenizer(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE, texts)
-            dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
-            splits, chars = _write_splits(tok, sources, tmp, dtype, errors, chunk_bytes, progress, threads)
+            extra: dict[str, Any] = {}
+            if chat:
+                tok = tok.with_chat_template(tok.chat_template or ChatTemplate())
+                dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+                splits, chars, extra["chat"] = _write_chat_splits(tok, sources, tmp, dtype, errors, progress, on_skip)
+            else:
+                dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+                splits, chars = _write_splits(tok, sources, tmp, dtype, errors, chunk_bytes, progress, threads)
             tokens = sum(s["tokens"] for s in splits.values())
             meta = {
                 "version": META_VERSION,
@@ -122,6 +145,7 @@ def prepare(
                 "inputs": [{"path": s.name, "sha256": s.sha256.hexdigest(), "bytes": s.size} for s in sources],
                 "val_fraction": val_fraction,
                 "chars_per_token": round(chars / tokens, 4),
+                **extra,
                 "seconds": round(time.monotonic() - started, 3),
             }
             write_synced(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
@@ -131,8 +155,8 @@ def prepare(
     return meta
 
 
-def _check_options(out: Path, tokenizer: str, vocab_size: int | None, val_fraction: float, force: bool,
-                   errors: str) -> None:
+def _check_options(out: Path, tokenizer: str | tok_lib.Tokenizer, vocab_size: int | None, val_fraction: float,
+                   force: bool, errors: str) -> None:
     cwd = Path.cwd().resolve()
     if out.name in ("", "..") or (out.exists() and (out.resolve() == cwd or out.resolve() in cwd.parents)):
         raise MicroGPTError(f"--out {out} is the current dir or above it; name a data dir such as --out data")
@@ -141,8 +165,10 @@ def _check_options(out: Path, tokenizer: str, vocab_size: int | None, val_fracti
     if errors not in ERROR_MODES:
         raise MicroGPTError(f"--errors must be one of {', '.join(ERROR_MODES)}, got {errors!r}")
     if vocab_size is not None and tokenizer != "bpe":
-        raise MicroGPTError(f"--vocab-size only applies to --tokenizer bpe ({tokenizer!r} has a fixed vocabulary)")
-    tok_lib.check_name(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE)
+        given = tokenizer if isinstance(tokenizer, str) else "a given tokenizer"
+        raise MicroGPTError(f"--vocab-size only applies to --tokenizer bpe ({given!r} has a fixed vocabulary)")
+    if isinstance(tokenizer, str):
+        tok_lib.check_name(tokenizer, vocab_size or DEFAULT_BPE_VOCAB_SIZE)
     if (out.exists() or out.is_symlink()) and not force:
         raise MicroGPTError(f"{out} already exists; pass --force to replace it or choose another --out")
     if force:
@@ -402,3 +428,91 @@ def _write_splits(tok: tok_lib.Tokenizer, sources: list[_Source], tmp: Path, dty
                 f"with --val-fraction, give more text"
             )
     return splits, chars
+
+
+# --- conversations -----------------------------------------------------------------------------
+
+
+def _read_chats(sources: list[_Source], errors: str, progress: _Progress,
+                hash_inputs: bool = False) -> Iterator[tuple[str, str, list[Any] | None, str]]:
+    """(split, where, messages, problem) for every non-blank line of every input: `where` is
+    "file:line", and either messages (checked: read_messages) or the problem of a malformed line."""
+    for source in sources:
+        with open(source.path, "rb") as f:
+            offset = 0
+            for number, raw in enumerate(f, 1):
+                if hash_inputs:
+                    source.sha256.update(raw)
+                split = "train" if offset < source.val_start else "val"
+                offset += len(raw)
+                progress.advance(len(raw))
+                if not raw.strip():
+                    continue
+                where = f"{source.name}:{number}"
+                try:
+                    line = raw.decode("utf-8", errors)
+                    if "\x00" in line:
+                        raise ValueError("it holds a NUL byte (a binary file?)")
+                    try:
+                        value = json.loads(line)
+                    except ValueError as exc:
+                        raise ValueError(f"not valid JSON ({str(exc).split(':')[0]})") from None
+                    if not isinstance(value, dict) or "messages" not in value:
+                        raise ValueError('not an object with a "messages" list')
+                    yield split, where, read_messages(value["messages"]), ""
+                except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                    problem = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+                    yield split, where, None, problem
+
+
+def _write_chat_splits(tok: tok_lib.Tokenizer, sources: list[_Source], tmp: Path, dtype: str, errors: str,
+                       progress: _Progress, on_skip: Callable[[str], None] | None,
+                       ) -> tuple[dict[str, dict[str, int]], int, dict[str, Any]]:
+    """Render every conversation with the chat template into {split}.bin and its loss mask into
+    {split}.mask.bin (one byte per id: 1 where the id is trained on). A line of an input goes to
+    val from the byte where the input's val part starts (a line start). A malformed line (bad JSON
+    or UTF-8, no messages, an unknown role, content that is not a string, no assistant turn, a
+    character the vocabulary lacks) is skipped and reported through `on_skip`, and counted.
+    Returns the per-split counts, the characters of all content, and the meta.json chat facts."""
+    chat = ChatFormat(tok)
+    splits = {split: {"tokens": 0, "bytes": 0} for split in SPLITS}
+    conversations = dict.fromkeys(SPLITS, 0)
+    trained = dict.fromkeys(SPLITS, 0)
+    skipped, chars = 0, 0
+    order = np.dtype(dtype).newbyteorder("<")
+    with ExitStack() as stack:
+        files = {(split, kind): stack.enter_context(open(tmp / name.format(split=split), "wb"))
+                 for split in SPLITS for kind, name in (("ids", "{split}.bin"), ("mask", MASK_FILE))}
+        for split, where, messages, problem in _read_chats(sources, errors, progress, hash_inputs=True):
+            if messages is not None:
+                try:
+                    ids, mask = chat.render(messages)
+                except MicroGPTError as exc:  # a character outside a char vocabulary
+                    messages, problem = None, str(exc)
+            if messages is None:
+                skipped += 1
+                if on_skip is not None and skipped <= MAX_LISTED_SKIPS:
+                    more = "; further malformed lines are counted, not listed" if skipped == MAX_LISTED_SKIPS else ""
+                    on_skip(f"{where}: skipped: {problem}{more}")
+                continue
+            files[split, "ids"].write(ids.astype(order).tobytes())
+            files[split, "mask"].write(mask.tobytes())
+            contents = [m.content for m in messages]
+            splits[split]["tokens"] += len(ids)
+            splits[split]["bytes"] += sum(len(c.encode("utf-8")) for c in contents)
+            chars += sum(map(len, contents))
+            conversations[split] += 1
+            trained[split] += int(mask.sum())
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    if not any(conversations.values()):
+        raise MicroGPTError(f"the input holds no conversation to train on: all {skipped:,} non-blank lines are "
+                            f"malformed (see the warnings)")
+    for split in SPLITS:
+        if not conversations[split]:
+            raise MicroGPTError(f"the {split} split has no conversation ({skipped:,} malformed line(s) skipped); "
+                                f"give more conversations, or change --val-fraction")
+    facts = {"template": chat.template.name, "conversations": conversations, "trained_tokens": trained,
+             "skipped_lines": skipped}
+    return splits, chars, facts

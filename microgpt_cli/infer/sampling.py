@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -109,35 +109,43 @@ class Sampler:
         # A model whose vocabulary is padded past the tokenizer's must not pick ids that decode to nothing.
         self.vocab = min(model.config.vocab_size, tokenizer.vocab_size)
 
-    def batch(self, prompts: Sequence[str], settings: SamplingSettings, stops: Sequence[str] = (),
-              echo: bool = True) -> BatchStream:
+    def batch(self, prompts: Sequence[str | Sequence[int]], settings: SamplingSettings, stops: Sequence[str] = (),
+              echo: bool = True, stop_ids: Collection[int] = ()) -> BatchStream:
         """One sample per prompt, decoded together; see BatchStream."""
-        return BatchStream(self, prompts, settings, stops, echo)
+        return BatchStream(self, prompts, settings, stops, echo, stop_ids)
 
-    def stream(self, prompt: str, settings: SamplingSettings) -> TextStream:
+    def stream(self, prompt: str | Sequence[int], settings: SamplingSettings, stops: Sequence[str] = (),
+               stop_ids: Collection[int] = ()) -> TextStream:
         """One sample of `prompt`, as text pieces; see TextStream."""
-        return TextStream(self.batch([prompt], settings))
+        return TextStream(self.batch([prompt], settings, stops, stop_ids=stop_ids))
 
 
 class BatchStream:
     """Samples of several prompts decoded as one batch: iterates (row, text piece) pairs, first
-    each prompt (unless not `echo`), then the new text of every row as it is sampled. A row ends
-    at `settings.stop` or any of `stops`. After it is exhausted, `new_ids`, `seconds` and
-    `first_token_seconds` say what was generated and how fast.
+    each text prompt (unless not `echo`; a prompt given as token ids, a rendered chat, never is),
+    then the new text of every row as it is sampled. A row ends at `settings.stop` or any of
+    `stops`, or at a token of `stop_ids` (a chat template's end of turn), which is neither output
+    nor counted. After it is exhausted, `new_ids`, `stopped` (whether each row ended at a stop
+    rather than at the length), `seconds` and `first_token_seconds` say what was generated and
+    how fast.
 
     Prompts and settings are checked before any decoding, so a bad one fails before any output."""
 
-    def __init__(self, sampler: Sampler, prompts: Sequence[str], settings: SamplingSettings,
-                 stops: Sequence[str] = (), echo: bool = True):
+    def __init__(self, sampler: Sampler, prompts: Sequence[str | Sequence[int]], settings: SamplingSettings,
+                 stops: Sequence[str] = (), echo: bool = True, stop_ids: Collection[int] = ()):
         if not 1 <= len(prompts) <= sampler.engine.slots:
             raise MicroGPTError(f"this sampler decodes 1 to {sampler.engine.slots} prompts at once, got {len(prompts)}")
         self.sampler = sampler
-        self.prompts = list(prompts)
+        self.prompts = [p if isinstance(p, str) else "" for p in prompts]
         self.settings = settings
         self.stops = [*stop_strings(settings.stop), *stops]
         self.echo = echo
-        self.ids = [prompt_ids(sampler.tokenizer, p) for p in self.prompts]
+        self.stop_ids = frozenset(stop_ids)
+        self.ids = [prompt_ids(sampler.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+        if not all(self.ids):
+            raise MicroGPTError("a prompt of token ids must not be empty")
         self.new_ids: list[list[int]] = [[] for _ in self.prompts]
+        self.stopped = [False] * len(self.prompts)
         self.seconds = 0.0  # from the start of the prefill to the last token
         self.first_token_seconds = 0.0
         self._events = self._run()
@@ -197,8 +205,12 @@ class BatchStream:
                 for row, text in enumerate(texts):
                     if text.stopped:
                         continue  # a finished row rides along until the batch ends
-                    self.new_ids[row].append(new[row])
-                    piece = text.push(new[row])
+                    if new[row] in self.stop_ids:
+                        piece = text.finish()
+                        text.stopped = True
+                    else:
+                        self.new_ids[row].append(new[row])
+                        piece = text.push(new[row])
                     if piece:
                         yield row, piece
                 if all(text.stopped for text in texts):
@@ -209,6 +221,7 @@ class BatchStream:
                     yield row, tail
         finally:
             self.seconds = time.perf_counter() - start
+            self.stopped = [text.stopped for text in texts]
 
 
 class TextStream:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from microgpt_cli.config import ModelConfig, TrainConfig
-from microgpt_cli.data.dataset import META_FILE
+from microgpt_cli.data.dataset import META_FILE, data_tokenizer, read_meta
 from microgpt_cli.data.tokenizer import Tokenizer, check_spec, from_spec, spec_vocab_size
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.io.files import atomic_write
@@ -339,3 +339,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     checkpoint = load(path)
     model = checkpoint.build_model().to(device).eval()
     return model, checkpoint.tokenizer_object()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a checkpoint file, a run dir or a data dir (e.g. to prepare new data for
+    a model whose char or bpe vocabulary was learned from its own text)."""
+    path = Path(path)
+    if path.is_dir() and (path / META_FILE).is_file():
+        return data_tokenizer(read_meta(path))
+    return load(path).tokenizer_object()

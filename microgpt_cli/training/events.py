@@ -67,6 +67,9 @@ class RunStarted:
     peak_flops: float | None = None  # per device, what MFU divides by (CUDA only)
     peak_source: str = ""  # where peak_flops comes from
     warnings: tuple[str, ...] = ()  # settings the run adjusted, and why
+    conversations: int = 0  # chat data: conversations in the training split (0: plain text)
+    chat_rows: int = 0  # chat data: the rows of `context` tokens they are packed into
+    dropped_exchanges: int = 0  # chat data: exchanges left out for being longer than the context
 
 
 @dataclass(frozen=True)

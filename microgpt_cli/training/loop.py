@@ -28,13 +28,17 @@ from torch.nn.parallel import DistributedDataParallel
 from microgpt_cli.config import CONFIG_FILE, ModelConfig, TrainConfig, init_settings, resume_settings, save_config
 from microgpt_cli.data.dataset import (
     Batches,
+    ChatBatches,
+    ChatRows,
     check_same_tokenizer,
     data_fingerprint,
     data_tokenizer,
+    has_mask,
+    open_mask,
     open_split,
     read_meta,
 )
-from microgpt_cli.data.tokenizer import Tokenizer
+from microgpt_cli.data.tokenizer import Tokenizer, extends
 from microgpt_cli.device import (
     allocation_errors,
     autocast,
@@ -44,7 +48,7 @@ from microgpt_cli.device import (
     resolve_device,
 )
 from microgpt_cli.errors import Interrupted, MicroGPTError
-from microgpt_cli.infer.evaluation import split_loss
+from microgpt_cli.infer.evaluation import rows_loss, split_loss
 from microgpt_cli.io import checkpoint
 from microgpt_cli.io.checkpoint import RUN_FILES, Checkpoint, TrainingState
 from microgpt_cli.io.files import append_text, atomic_write, dir_lock, file_sha256, remove_stale_temp_files
@@ -118,10 +122,16 @@ class Run:
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     init_from: dict[str, Any] = field(default_factory=dict)  # {"path", "sha256"} of the start weights, if any
     warnings: list[str] = field(default_factory=list)  # settings adjusted to the run, and why
+    val_rows: ChatRows | None = None  # chat data: the val split's packed conversations, scored masked
 
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.model_config.context
+
+    @property
+    def val_size(self) -> int:
+        """Positions one evaluation of the whole val split predicts."""
+        return len(self.val_tokens) - 1 if self.val_rows is None else len(self.val_rows) * self.model_config.context
 
 
 # --- building a run --------------------------------------------------------------------------
@@ -154,22 +164,27 @@ def _start_checkpoint(cfg: TrainConfig, meta: dict[str, Any]) -> tuple[Checkpoin
     if spec["kind"] in ("gpt2", "tiktoken"):
         fix = f"prepare the text with `microgpt prepare --tokenizer {spec.get('name', spec['kind'])}`"
     else:  # a vocabulary learned from a corpus: only data made with that very vocabulary fits
-        fix = "start from a checkpoint trained on data with this data's tokenizer"
-    check_same_tokenizer(meta, spec, Path(cfg.data), f"--init-from {path}", fix)
+        fix = f"prepare the text with `microgpt prepare --tokenizer-from {path}`"
+    if not extends(meta["tokenizer"], spec):  # a chat template's tokens may be added to the start's
+        check_same_tokenizer(meta, spec, Path(cfg.data), f"--init-from {path}", fix)
     start.check_weights()
     return start, {"path": str(path), "sha256": file_sha256(path)}
 
 
 def _load_start(model: GPT, start: Checkpoint, source: str) -> None:
     """Copy a checkpoint's weights into `model`: learned positions past a shortened context are
-    dropped, and the vocabulary's padding rows are added or dropped to fit model's pad_vocab."""
+    dropped, and the vocabulary's padding rows are added or dropped to fit model's pad_vocab.
+    Tokens the data adds (a chat template's delimiters) get rows that start at the mean of the
+    others; with enough padding rows (GPT-2's 50,304) the matrices keep their size."""
     state = dict(start.model)
     if "pos_emb.weight" in state:
         state["pos_emb.weight"] = state["pos_emb.weight"][: model.config.context]
-    real, rows = model.config.vocab_size, model.config.padded_vocab
+    old, real, rows = start.model_config.vocab_size, model.config.vocab_size, model.config.padded_vocab
     for name in ("tok_emb.weight", "head.weight"):
-        if name in state and state[name].shape[0] != rows:
-            state[name] = torch.cat([state[name][:real], state[name].new_zeros(rows - real, state[name].shape[1])])
+        if name in state and (state[name].shape[0] != rows or real != old):
+            kept = state[name][:old]
+            added = kept.mean(dim=0, keepdim=True).expand(real - old, -1)
+            state[name] = torch.cat([kept, added, kept.new_zeros(rows - real, kept.shape[1])])
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -235,12 +250,21 @@ def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, 
 
     train_tokens = open_split(cfg.data, "train", meta)
     val_tokens = open_split(cfg.data, "val", meta)
-    if len(val_tokens) <= model_config.context:
+    val_rows = None
+    if has_mask(meta):
+        val_rows = ChatRows(val_tokens, open_mask(cfg.data, "val"), tokenizer, model_config.context)
+        if not len(val_rows):
+            raise MicroGPTError(f"no exchange of the validation split's conversations fits --context "
+                                f"{model_config.context}; use a longer --context or shorter conversations")
+        train_rows = ChatRows(train_tokens, open_mask(cfg.data, "train"), tokenizer, model_config.context)
+        batches: Batches = ChatBatches(train_rows, cfg.batch_size, cfg.seed, world.rank, world.size)
+    elif len(val_tokens) <= model_config.context:
         raise MicroGPTError(
             f"--context {model_config.context} is longer than the validation split allows "
             f"({len(val_tokens)} tokens); use a smaller --context or a larger --val-fraction in prepare"
         )
-    batches = Batches(train_tokens, model_config.context, cfg.batch_size, cfg.seed, world.rank, world.size)
+    else:
+        batches = Batches(train_tokens, model_config.context, cfg.batch_size, cfg.seed, world.rank, world.size)
     if cfg.grad_accum > batches.per_epoch:
         raise MicroGPTError(f"--grad-accum {cfg.grad_accum} asks for more micro-batches per step than one epoch "
                             f"holds ({batches.per_epoch:,}); lower --grad-accum or --batch-size")
@@ -263,7 +287,8 @@ def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, 
             del start  # its copy of the weights is not needed past here
         optimizers = build_optimizers(model, cfg, device)
     run = Run(cfg, model_config, out, world, device, tokenizer, fingerprint, model, optimizers, batches,
-              val_tokens, total_steps, steps_per_epoch, changes=changes, init_from=init_from, warnings=warnings)
+              val_tokens, total_steps, steps_per_epoch, changes=changes, init_from=init_from, warnings=warnings,
+              val_rows=val_rows)
     if saved is not None:
         _restore(run, saved)
     return run
@@ -416,7 +441,7 @@ class Clock:
         if self.eval_tokens:
             return self.eval_tokens
         run = self._run
-        wanted = min(run.cfg.eval_tokens or len(run.val_tokens), len(run.val_tokens) - 1)
+        wanted = min(run.cfg.eval_tokens or run.val_size, run.val_size)
         if self.budget and self.step_seconds:
             affordable = EVAL_SHARE * self.budget / self._forward_token_seconds() * run.world.size
             wanted = min(wanted, max(run.model_config.context, int(affordable)))
@@ -486,13 +511,19 @@ def evaluate_val(run: Run, max_tokens: int = 0, deadline: float | None = None,
                  on_progress: Callable[[int], None] | None = None) -> tuple[float, int]:
     """Validation loss over the split (or its first `max_tokens`), and the tokens it covers. Each
     process scores its share of the windows and the sums are combined, so the value is the
-    single-process one."""
-    loss_sum, count, _ = split_loss(run.model, run.val_tokens, run.cfg.batch_size, run.device, max_tokens,
-                                    shard=(run.world.rank, run.world.size), deadline=deadline,
-                                    on_progress=on_progress)
-    totals = distributed.sum_across(run.world, torch.tensor([loss_sum, count], dtype=torch.float64, device=run.device))
-    loss, tokens = totals.tolist()
-    return loss / max(tokens, 1), int(tokens)
+    single-process one. Chat data is scored on its assistant tokens, in whole conversations, as
+    it trains (rows_loss); the count returned is then the positions run through the model."""
+    shard = (run.world.rank, run.world.size)
+    if run.val_rows is None:
+        loss_sum, count, _ = split_loss(run.model, run.val_tokens, run.cfg.batch_size, run.device, max_tokens,
+                                        shard=shard, deadline=deadline, on_progress=on_progress)
+        positions = count
+    else:
+        loss_sum, count, _, positions = rows_loss(run.model, run.val_rows, run.cfg.batch_size, run.device,
+                                                  max_tokens, shard=shard, deadline=deadline, on_progress=on_progress)
+    sums = torch.tensor([loss_sum, count, positions], dtype=torch.float64, device=run.device)
+    loss, scored, tokens = distributed.sum_across(run.world, sums).tolist()
+    return loss / max(scored, 1), int(tokens)
 
 
 def train(
@@ -601,6 +632,7 @@ class Trainer:
 
     def _started(self) -> RunStarted:
         run = self.run
+        rows = run.batches.rows if isinstance(run.batches, ChatBatches) else None
         return RunStarted(
             model_config=run.model_config, train_config=run.cfg, device=str(run.device), world_size=run.world.size,
             params=run.model.num_params(), tokenizer=run.tokenizer.name, vocab_size=run.tokenizer.vocab_size,
@@ -609,6 +641,8 @@ class Trainer:
             step=run.step, resumed=run.resumed, changes=run.changes, init_from=run.init_from,
             peak_flops=self.peak[0] if self.peak else None, peak_source=self.peak[1] if self.peak else "",
             warnings=tuple(run.warnings),
+            conversations=rows.conversations if rows else 0, chat_rows=len(rows) if rows else 0,
+            dropped_exchanges=rows.dropped if rows else 0,
         )
 
     def _plan(self, step_seconds: float) -> None:
