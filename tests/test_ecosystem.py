@@ -149,7 +149,7 @@ def test_info_on_run_dir_checkpoint_and_data_dir(run_dir: Path, small_char_data:
     model = GPT(checkpoint.load(run_dir).model_config)
     assert run["kind"] == "run" and run["model"]["params"] == model.num_params()
     vocab_size = json.loads((small_char_data / "meta.json").read_text())["vocab_size"]
-    assert run["tokenizer"] == {"kind": "char", "name": "char", "vocab_size": vocab_size}
+    assert run["tokenizer"] == {"kind": "char", "name": "char", "vocab_size": vocab_size, "chat_template": None}
     assert run["training"]["step"] == 20 and run["training"]["best_val_loss"] > 0 and run["training"]["elapsed"] > 0
     assert set(run["checkpoints"]) == {"best.pt", "last.pt"}
     assert run["data"]["dir"] == str(small_char_data)

@@ -14,9 +14,10 @@ What runs, and how:
   itself, see `test_ci_runs_the_readmes_test_command`) and training shrinks to a seconds-long tiny model.
 - Grouping: the blocks of a SEQUENTIAL_SECTIONS section (the Tutorial) run in order in one shared
   workspace, as a reader would type them. Every other block runs alone in a fresh workspace holding the
-  text files examples name (input.txt, book.txt, notes/, start.txt, other.txt: slices of the packaged
-  tinyshakespeare) plus, unless the block makes them itself, a char-tokenized `data/` and a tiny trained
-  `out/` (both built once by the real CLI). Groups run concurrently, one per CPU core (up to WORKERS).
+  files examples name (input.txt, book.txt, notes/, start.txt, other.txt: slices of the packaged
+  tinyshakespeare; chats.jsonl: conversations in their characters) plus, unless the block makes them
+  itself, a char-tokenized `data/` and a tiny trained `out/` (both built once by the real CLI). Groups
+  run concurrently, one per CPU core (up to WORKERS).
 - A marker on the line just before a fence changes what happens to that block:
   `<!-- readme-test: parse-only (REASON) -->`: each command runs with `--help` appended, which checks its
   option names without running it (`torchrun` options go through torchrun's own argument parser, the
@@ -29,6 +30,7 @@ What runs, and how:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -237,14 +239,18 @@ def group_id(group: list[Block]) -> str:
 
 def write_text_files(workspace: Path) -> None:
     """The files README examples name, cut from tinyshakespeare at line starts (so a char vocabulary of
-    input.txt covers every one of them); `benchmarks` points at the repo's scripts."""
+    input.txt covers every one of them), and chats.jsonl (conversations in its characters);
+    `benchmarks` points at the repo's scripts."""
     text = SHAKESPEARE.read_text(encoding="utf-8")
     corpus = text[: text.rindex("\n", 0, CORPUS_CHARS) + 1]
     half = corpus.index("\n", len(corpus) // 2) + 1
     (workspace / "notes").mkdir(parents=True, exist_ok=True)
     other = corpus.index("\n", half + 10_000) + 1
+    words = sorted(set(re.findall(r"\b[a-z]{3,8}\b", corpus)))[:400]  # conversations in input.txt's characters
+    chats = "".join(json.dumps({"messages": [{"role": "user", "content": f"reverse {w}"},
+                                              {"role": "assistant", "content": w[::-1]}]}) + "\n" for w in words)
     files = {"input.txt": corpus, "book.txt": corpus[:half], "notes/act-two.txt": corpus[half:],
-             "start.txt": corpus[: corpus.index("\n\n") + 2], "other.txt": corpus[other:]}
+             "start.txt": corpus[: corpus.index("\n\n") + 2], "other.txt": corpus[other:], "chats.jsonl": chats}
     for name, content in files.items():
         (workspace / name).write_text(content, encoding="utf-8")
     (workspace / "benchmarks").symlink_to(ROOT / "benchmarks", target_is_directory=True)

@@ -20,6 +20,7 @@ import base64
 import contextlib
 import functools
 import os
+import re
 from collections.abc import Iterable
 from importlib import resources
 from typing import Any
@@ -97,8 +98,19 @@ class Tokenizer:
         return self._encode_chars(text).tolist()
 
     def encode_special(self, text: str) -> list[int]:
-        """Token ids of `text` where the vocabulary's special-token strings ("<|endoftext|>") stand
-        for those tokens: how OpenAI's API and vLLM read a prompt."""
+        """Token ids of `text` where the vocabulary's special-token strings ("<|endoftext|>", and
+        added tokens such as "<|end|>") stand for those tokens: how OpenAI's API and vLLM read a
+        completion prompt. Chat messages are never read this way (see chat.py)."""
+        ids: list[int] = []
+        at = 0
+        if self.added:
+            for match in re.finditer("|".join(map(re.escape, sorted(self.added, key=len, reverse=True))), text):
+                ids += self._encode_special_base(text[at : match.start()])
+                ids.append(self.special_id(match.group()))
+                at = match.end()
+        return ids + self._encode_special_base(text[at:])
+
+    def _encode_special_base(self, text: str) -> list[int]:
         if self._encoding is not None:
             return self._encoding.encode(text, allowed_special="all")
         return self._encode_chars(text).tolist()

@@ -62,11 +62,12 @@ def chat_prompt(tokenizer: Tokenizer, messages: Sequence[Message], room: int) ->
         chat = ChatFormat(tokenizer)
         ids, dropped = chat.prompt(messages, room)
         return ChatPrompt(ids, chat.stop_ids, (), dropped)
+    # A transcript is a text prompt, read as the completion route reads one: "<|endoftext|>" is that token.
     kept = list(messages)
-    ids = tokenizer.encode(transcript(kept))
+    ids = tokenizer.encode_special(transcript(kept))
     while len(ids) > room and len(kept) > 1:  # drop the oldest turn, a leading system one last
         kept.pop(1 if kept[0].role == "system" and len(kept) > 2 else 0)
-        ids = tokenizer.encode(transcript(kept))
+        ids = tokenizer.encode_special(transcript(kept))
     eot = tokenizer.eot_id
     return ChatPrompt(ids[-room:], frozenset() if eot is None else frozenset({eot}), TRANSCRIPT_STOPS,
                       len(messages) - len(kept))

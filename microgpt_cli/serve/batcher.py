@@ -34,8 +34,8 @@ log = logging.getLogger("microgpt.serve")
 @dataclass(frozen=True)
 class Piece:
     """New text of one sample of a request (`index`), or its end when `finish_reason` is set
-    ("stop": a stop string or the end-of-text token; "length": max_tokens reached or the server
-    is stopping; "error": decoding failed, which the server logs)."""
+    ("stop": a stop string, the end-of-text token or one of the request's stop ids; "length":
+    max_tokens reached or the server is stopping; "error": decoding failed, which the server logs)."""
 
     index: int
     text: str
@@ -61,6 +61,7 @@ class Request:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logprobs: int | None = None  # report each new token's log-probability and this many likeliest alternatives
+    stop_ids: frozenset[int] = frozenset()  # tokens that end a sample unseen (a chat template's end of turn)
 
     def end_unstarted(self) -> None:
         """End every sample of a request that never took a slot (finish_reason "length")."""
@@ -230,7 +231,7 @@ class Batcher:
         if sample.request.cancelled:
             self._finish(slot, None)
             return
-        if token == self.eot:
+        if token == self.eot or token in sample.request.stop_ids:
             self._finish(slot, "stop")
             return
         sample.tokens += 1

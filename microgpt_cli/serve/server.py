@@ -38,9 +38,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from microgpt_cli.config import MAX_PENALTY, MAX_SEED, InvalidSetting, check_threads, stop_strings
+from microgpt_cli.data.chat import Message
 from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.device import resolve_device
 from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.infer.chat import ChatPrompt, chat_prompt, prompt_room
 from microgpt_cli.infer.engine import MAX_SLOTS
 from microgpt_cli.infer.sampling import Sampler, prompt_ids
 from microgpt_cli.infer.scoring import Scorer, TokenLogprob
@@ -57,7 +59,7 @@ from microgpt_cli.training.events import val_scope
 
 log = logging.getLogger("microgpt.serve")
 
-CHAT_STOPS = ("\nuser:", "\nsystem:")  # a transcript's next turn ends the assistant's
+MAX_PROMPT_ROOM = 1 << 40  # /tokenize renders a whole chat: far more tokens than any request holds
 MAX_LOGPROBS = 5  # alternatives per token in completions (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # and in chat completions
 STATIC = resources.files("microgpt_cli.serve") / "static"
@@ -155,11 +157,14 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def transcript(messages: list[ChatMessage]) -> str:
-    """Chat messages as one plain-text prompt: these models are not instruction-tuned, so the
-    transcript simply asks them to continue a conversation written out as text."""
-    lines = [f"{'system' if m.role == 'developer' else m.role}: {m.content}" for m in messages]
-    return "\n".join(lines) + "\nassistant:"
+def chat_messages(messages: list[ChatMessage], template: bool) -> list[Message]:
+    """OpenAI's roles in the template's: developer is system; tool results have no place in the
+    template (a plain transcript writes them as `tool:` lines)."""
+    roles = {"developer": "system"}
+    if template and any(m.role == "tool" for m in messages):
+        raise ClientError(400, "this model's chat template has no tool role; send system, user and assistant "
+                               "messages", "messages")
+    return [Message(roles.get(m.role, m.role), m.content) for m in messages]
 
 
 # --- the application -----------------------------------------------------------------------------
@@ -209,7 +214,7 @@ class Server:
 
     def jobs(self, prompts: list[list[int]], body: _Sampling, max_tokens: int, stops: list[str],
              loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue[tuple[int, Piece]],
-             logprobs: int | None) -> list[Job]:
+             logprobs: int | None, stop_ids: frozenset[int] = frozenset()) -> list[Job]:
         slots = self.batcher.engine.slots
         if body.n > slots:
             raise ClientError(400, f"n must be at most {slots} (the server's --max-batch)", "n")
@@ -226,8 +231,17 @@ class Server:
             top_k = body.top_k if body.top_k is None or body.top_k < self.sampler.vocab else None
             jobs.append(Job(ids, max_tokens, body.n, body.temperature, top_k, body.top_p, stops, body.seed, deliver,
                             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                            logprobs=logprobs))
+                            logprobs=logprobs, stop_ids=stop_ids))
         return jobs
+
+    def chat_prompt(self, messages: list[ChatMessage], room: int) -> ChatPrompt:
+        """A chat request's prompt, with the model's template (a plain transcript without one); a
+        message the tokenizer cannot encode is a 400."""
+        tokenizer = self.sampler.tokenizer
+        try:
+            return chat_prompt(tokenizer, chat_messages(messages, tokenizer.chat_template is not None), room)
+        except MicroGPTError as exc:
+            raise ClientError(400, str(exc), "messages") from None
 
     def model_card(self) -> dict[str, Any]:
         info = self.info
@@ -294,19 +308,23 @@ def build_app(server: Server) -> Gate:
             raise ClientError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = server.settings.max_tokens_limit if max_tokens is None else max_tokens
-        prompts = server.prompt_ids(transcript(body.messages))
+        # The model's own template (a plain transcript without one), the oldest turns dropped to fit.
+        prompt = server.chat_prompt(body.messages, prompt_room(server.info.context, max_tokens))
         shown = Shown((body.top_logprobs or 0) if body.logprobs else None)
-        return await respond(request, body, prompts, max_tokens, [*body.stops(), *CHAT_STOPS], chat=True, shown=shown)
+        return await respond(request, body, [prompt.ids], max_tokens, [*body.stops(), *prompt.stops], chat=True,
+                             shown=shown, stop_ids=prompt.stop_ids)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         if (body.prompt is None) == (body.messages is None):
             raise ClientError(400, "give either prompt or messages", "prompt")
-        text = body.prompt if body.prompt is not None else transcript(body.messages or [])
-        try:
-            tokens = server.sampler.tokenizer.encode_special(text)
-        except MicroGPTError as exc:
-            raise ClientError(400, str(exc), "prompt" if body.prompt is not None else "messages") from None
+        if body.messages is not None:  # what the chat route sends, before it drops anything to fit
+            tokens = server.chat_prompt(body.messages, MAX_PROMPT_ROOM).ids
+        else:
+            try:
+                tokens = server.sampler.tokenizer.encode_special(body.prompt or "")
+            except MicroGPTError as exc:
+                raise ClientError(400, str(exc), "prompt") from None
         answer: dict[str, Any] = {"count": len(tokens), "max_model_len": server.info.context, "tokens": tokens}
         if body.return_token_strs:
             answer["token_strs"] = [token_text(server.sampler.tokenizer, t) for t in tokens]
@@ -329,10 +347,10 @@ def build_app(server: Server) -> Gate:
                         headers={"Cache-Control": "max-age=86400"})
 
     async def respond(request: Request, body: _Sampling, prompts: list[list[int]], max_tokens: int, stops: list[str],
-                      chat: bool, shown: Shown) -> Response:
+                      chat: bool, shown: Shown, stop_ids: frozenset[int] = frozenset()) -> Response:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[int, Piece]] = asyncio.Queue()
-        jobs = server.jobs(prompts, body, max_tokens, stops, loop, pieces, shown.logprobs)
+        jobs = server.jobs(prompts, body, max_tokens, stops, loop, pieces, shown.logprobs, stop_ids)
         lengths = [len(ids) for ids in prompts]
         context = server.info.context
         started = time.perf_counter()
@@ -533,6 +551,7 @@ def model_info(checkpoint_path: Path, sampler: Sampler, metrics: dict[str, Any])
         tokenizer=sampler.tokenizer.name, vocab_size=sampler.tokenizer.vocab_size,
         context=sampler.engine.context, step=metrics.get("step"), val_loss=float(val) if val is not None else None,
         val_scope=val_scope(metrics.get("val_tokens"), metrics.get("val_split_tokens")),
+        chat_template=sampler.tokenizer.chat_template is not None,
     )
 
 
