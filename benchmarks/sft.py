@@ -83,11 +83,11 @@ def main() -> None:
         (cwd / "chats.jsonl").write_text("\n".join(lines) + "\n")
         microgpt("prepare", "chats.jsonl", "--chat", "--tokenizer-from", "base", "--out", "chats", cwd=cwd)
         base_loss = eval_loss(cwd / "base", cwd / "text", cwd)
-        print(f"base: tinyshakespeare val loss {base_loss:.3f}, held-out rate "
-              f"{held_out_rate(cwd / 'base', held, cwd):.1%} (no template: a plain transcript)", file=sys.stderr)
         print("| run | steps | seconds | best val loss (answers) | held-out answers right | "
               "tinyshakespeare val loss after |")
         print("|---|---:|---:|---:|---:|---:|")
+        print(f"| the base model (no template: a plain transcript) | 0 | | | "
+              f"{held_out_rate(cwd / 'base', held, cwd):.1%} | {base_loss:.3f} |", flush=True)
         for i, (name, flags) in enumerate(rows):
             out = cwd / f"run{i}"
             began = time.perf_counter()
@@ -98,7 +98,6 @@ def main() -> None:
             best = min(m["val_loss"] for m in metrics if m.get("val_loss") is not None)
             print(f"| {name} | {metrics[-1]['step']:,} | {seconds:.0f} | {best:.3f} | "
                   f"{held_out_rate(out, held, cwd):.1%} | {eval_loss(out, cwd / 'text', cwd):.3f} |", flush=True)
-        print(f"\nbase model: tinyshakespeare val loss {base_loss:.3f}")
 
 
 if __name__ == "__main__":

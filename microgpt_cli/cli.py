@@ -570,8 +570,13 @@ def chat(
     top_k: Annotated[int, _sampling("top_k")] = default_of(SamplingSettings, "top_k"),
     top_p: Annotated[float, _sampling("top_p")] = default_of(SamplingSettings, "top_p"),
     seed: Annotated[int, _sampling("seed")] = default_of(SamplingSettings, "seed"),
+    frequency_penalty: Annotated[float, _sampling("frequency_penalty")] = default_of(
+        SamplingSettings, "frequency_penalty"),
+    presence_penalty: Annotated[float, _sampling("presence_penalty")] = default_of(
+        SamplingSettings, "presence_penalty"),
     quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
+    threads: DecodeThreadsOpt = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Talk with a model fine-tuned on conversations: streamed replies, history within the context.
@@ -581,8 +586,8 @@ def chat(
     from microgpt_cli.io.checkpoint import resolve_path
     from microgpt_cli.repl import run
 
-    settings = SamplingSettings(length, temperature, top_k, top_p, None, seed)
-    sampler = load_sampler(checkpoint, device=device, quantize=quantize)
+    settings = SamplingSettings(length, temperature, top_k, top_p, None, seed, frequency_penalty, presence_penalty)
+    sampler = load_sampler(checkpoint, device=device, quantize=quantize, threads=threads)
     template = sampler.tokenizer.chat_template
     stderr.print(
         f"[dim]{escape(str(resolve_path(checkpoint)))}: {sampler.engine.num_params / 1e6:.2f}M parameters, "
