@@ -216,10 +216,10 @@ def prepare(
              "`train --init-from` that model, even where its char or bpe vocabulary came from other text.",
         show_default=False)] = None,
     chat: Annotated[bool, typer.Option(
-        "--chat", help='Inputs are conversations, one JSON object per line: {"messages": [{"role": "system", "user" '
-                       'or "assistant", "content": "..."}, ...]}. Adds the chat template\'s tokens to the tokenizer '
-                       "and writes a loss mask (the assistant's tokens) beside the ids; malformed lines are "
-                       "skipped and named.")] = False,
+        "--chat", help='Inputs are conversations (JSONL): one JSON object per line with a "messages" list of '
+                       'role (system, user or assistant) and content, as in OpenAI\'s API. Adds the chat template\'s '
+                       "tokens to the tokenizer and writes a loss mask (the assistant's tokens) beside the ids; "
+                       "malformed lines are skipped and named.")] = False,
     vocab_size: Annotated[Optional[int], typer.Option(
         help=f"Vocabulary size to train for --tokenizer bpe, 257 to 200000 ({DEFAULT_BPE_VOCAB_SIZE} when not given).",
         show_default=False)] = None,
@@ -311,7 +311,7 @@ def train(
     out: Annotated[Path, _train("out", envvar=OUT_ENV)] = Path(default_of(TrainConfig, "out")),
     config: ConfigOpt = None,
     preset: Annotated[Optional[PresetName], typer.Option(
-        show_default=False, rich_help_panel=T,
+        show_default=False, rich_help_panel=T, metavar="NAME",  # the names and uses are in the help
         help=f"Named hyperparameter set; flags override it. {preset_help()}.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in --out where last.pt left it; options given now change it (stopping "

@@ -146,7 +146,7 @@ def test_help_and_info_do_not_import_torch_or_matplotlib() -> None:
     assert result.stdout.strip() == "False"  # a plot is drawn only at an evaluation
 
 
-COMMANDS = ("prepare", "train", "eval", "generate", "import", "serve", "info", "plot", "export")
+COMMANDS = ("prepare", "train", "eval", "generate", "chat", "import", "serve", "info", "plot", "export")
 
 
 def test_help_reads_at_80_columns_with_value_names_and_without_aliases(
@@ -167,8 +167,9 @@ def test_help_reads_at_80_columns_with_value_names_and_without_aliases(
     train = shown["train"]
     description = re.search(r"--max-steps\s+INTEGER\s+(Stop after)", train)
     assert description is not None and description.start(1) - train.rfind("\n", 0, description.start(1)) <= 42
-    assert re.search(r"--preset\s+cpu\|finetune\|gpt2\s", train)
-    assert "gpt2: GPT-2 small" in " ".join(train.replace("│", " ").split())
+    assert re.search(r"--preset\s+NAME\s", train)
+    presets = " ".join(train.replace("│", " ").split())
+    assert all(f"{name}: " in presets for name in ("cpu", "finetune", "sft", "gpt2")) and "gpt2: GPT-2 small" in presets
     assert re.search(r"--tie-weights\s+Share", train) and "--untie-weights" in train  # a negative under its flag
     assert "Usage: microgpt import [OPTIONS] SOURCE" in shown["import"]
     assert "Usage: microgpt plot [OPTIONS] RUN_DIRS..." in shown["plot"]
