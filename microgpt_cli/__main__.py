@@ -4,13 +4,18 @@ The CLI's modules take a few tenths of a second to import; a Ctrl-C or SIGTERM m
 the command with the same one line as one later on, not a traceback from inside an import.
 `cli.main` takes the signals over once it can handle them."""
 
+import os
 import signal
 import sys
 
 
 def _stopped(signum: int, frame: object) -> None:
+    # Not SystemExit: some imported module swallows exceptions raised inside its import (seen on CI,
+    # where the command then ran on). Nothing is written before `cli.main` takes over, so a hard
+    # exit loses nothing.
     sys.stderr.write("stopped: interrupted\n")
-    raise SystemExit(130)
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 import typer.core
@@ -814,6 +814,22 @@ def export(
                  highlight=False, soft_wrap=True)
 
 
+def _exit_now(code: int, in_process: bool) -> NoReturn:
+    """Exit after an interrupt, once the command has cleaned up.
+
+    Not `sys.exit` for the command itself (a caller in-process still gets SystemExit): a Ctrl-C that lands while an extension runs Python code of its own (torch's
+    import does) leaves CPython's "unhandled KeyboardInterrupt" flag set, and the interpreter
+    then kills itself with SIGINT at exit instead of returning `code`."""
+    if in_process:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: user mistakes become one line on stderr and a non-zero exit, never a traceback."""
     import signal
@@ -828,7 +844,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Interrupted as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one message for the whole job
             _error_line(exc.label, str(exc), "yellow")
-        sys.exit(exc.exit_code)
+        _exit_now(exc.exit_code, argv is not None)
     except InvalidSetting as exc:
         _error_line(exc.label, exc.with_flags())
         sys.exit(exc.exit_code)
@@ -843,7 +859,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
         _error_line("stopped", "interrupted", "yellow")
-        sys.exit(130)
+        _exit_now(130, argv is not None)
     except _PipeClosed:  # e.g. `microgpt generate ... | head`
         # Python flushes stdout once more at exit, into the same closed pipe: point it at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -855,6 +871,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         signal.signal(signal.SIGTERM, previous)
     if code == 130:  # Click's answer to a Ctrl-C while it parsed the command line
         _error_line("stopped", "interrupted", "yellow")
+        _exit_now(130, argv is not None)
     sys.exit(code if isinstance(code, int) else 0)
 
 
