@@ -121,3 +121,22 @@ def test_force_replaces_only_an_export_and_clears_what_a_killed_export_left(tmp_
     export(tmp_path / "m.pt", tmp_path / "exp", "hf", force=True)  # its own export: replaced
     assert "model_type" in (tmp_path / "exp" / "config.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "m.pt", "notes", "their-hf"]
+
+
+def test_hf_export_of_a_chat_model_renders_its_template_in_transformers(tmp_path: Path) -> None:
+    """A GPT-2-tokenizer chat model exports its delimiters as added tokens and its template as the
+    Jinja that transformers' apply_chat_template runs: the same prompt ids microgpt samples from."""
+    transformers = pytest.importorskip("transformers")
+    from microgpt_cli.data.chat import ChatFormat, ChatTemplate, Message
+
+    spec = from_spec({"kind": "gpt2"}).with_chat_template(ChatTemplate()).spec
+    far_from_init(tmp_path / "m.pt", spec)
+    export(tmp_path / "m.pt", tmp_path / "hf", "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [Message("system", "Be brief."), Message("user", "Who art thou?"), Message("assistant", "A friend."),
+                Message("user", "Whence?")]
+    rendered = hf_tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                                add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert list(rendered["input_ids"]) == ChatFormat(from_spec(spec)).prompt(messages, 10_000)[0]
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    assert model.config.vocab_size == 50262 == len(hf_tokenizer)

@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE_NAME = "microgpt-chat-1"
+_JINJA = (  # the same rendering, with the delimiters' names where their text goes
+    "{{ 'START' }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ 'SYSTEM' }}{% elif message['role'] == 'user' %}{{ 'USER' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT' }}"
+    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{{ message['content'] }}{{ 'END' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT' }}{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,14 @@ class ChatTemplate:
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
+
+    def jinja(self) -> str:
+        """The template in Jinja, as Hugging Face's `apply_chat_template` reads it from an export's
+        tokenizer_config.json (a role it does not know is an error there too)."""
+        text = _JINJA
+        for name in ("start", "system", "user", "assistant", "end"):
+            text = text.replace(f"'{name.upper()}'", repr(getattr(self, name)))
+        return text
 
     @classmethod
     def from_dict(cls, value: object) -> ChatTemplate:

