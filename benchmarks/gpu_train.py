@@ -49,7 +49,7 @@ from microgpt_cli.training.events import Event, Logged
 from microgpt_cli.training.loop import train
 
 FULL = dict(n_layer=12, n_embed=768, n_head=12, context=1024, batch_size=32, grad_accum=4, steps=30, window=5)
-TINY = dict(n_layer=2, n_embed=64, n_head=2, context=64, batch_size=4, grad_accum=2, steps=12, window=3)
+TINY = dict(n_layer=2, n_embed=64, n_head=2, context=64, batch_size=2, grad_accum=2, steps=6, window=2)
 VOCAB = 50257
 
 
