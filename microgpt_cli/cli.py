@@ -360,9 +360,11 @@ def train(
     options = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()
                if k not in ("ctx", "preset", "resume", "force", "config") and _given(ctx, k)}
     from microgpt_cli.config import resolve
+    from microgpt_cli.device import keep_freed_memory
     from microgpt_cli.progress import TrainDisplay
     from microgpt_cli.training.loop import train as run_training
 
+    keep_freed_memory()
     model_kwargs, train_kwargs = resolve(preset, options)
     given = set(model_kwargs) | set(train_kwargs)
     with TrainDisplay() as display:
@@ -413,6 +415,9 @@ def eval_command(
 ) -> None:
     """Score a checkpoint on every token of the validation split (or a text file), exactly once; or on
     benchmark tasks through lm-evaluation-harness (--tasks)."""
+    from microgpt_cli.device import keep_freed_memory
+
+    keep_freed_memory()
     if tasks is not None:
         source = ctx.get_parameter_source("data")
         given = [name for name in ("text", "skip_unknown") if _given(ctx, name)]

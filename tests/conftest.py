@@ -15,10 +15,13 @@ from microgpt_cli.config import ModelConfig
 from microgpt_cli.data.dataprep import prepare
 from microgpt_cli.data.dataset import META_VERSION
 from microgpt_cli.data.tokenizer import Tokenizer, train_char
+from microgpt_cli.device import keep_freed_memory
 from microgpt_cli.io import checkpoint
 from microgpt_cli.model.gpt import GPT
 
 from clitools import SHAKESPEARE, microgpt
+
+keep_freed_memory()  # as `microgpt train` does: in-process training reuses its large buffers
 
 # Multi-byte characters early on (bits per byte differ from nats per token); no ':' and no '€',
 # which tests use as characters outside the vocabulary.
