@@ -5,6 +5,7 @@ config.TrainConfig, config.SamplingSettings) and constants, never from literals 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -822,16 +823,15 @@ def export(
 def _exit_now(code: int, in_process: bool) -> NoReturn:
     """Exit after an interrupt, once the command has cleaned up.
 
-    Not `sys.exit` for the command itself (a caller in-process still gets SystemExit): a Ctrl-C that lands while an extension runs Python code of its own (torch's
-    import does) leaves CPython's "unhandled KeyboardInterrupt" flag set, and the interpreter
-    then kills itself with SIGINT at exit instead of returning `code`."""
+    Not `sys.exit` for the command itself (a caller in-process still gets SystemExit): a Ctrl-C
+    that lands while an extension runs Python code of its own (torch's import does) leaves
+    CPython's "unhandled KeyboardInterrupt" flag set, and the interpreter then kills itself with
+    SIGINT at exit instead of returning `code`."""
     if in_process:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(code)
 
 

@@ -268,3 +268,21 @@ def test_threads_option_and_environment_variable(capsys: pytest.CaptureFixture[s
                                "--threads", threads)
         assert code == 0, err
     assert (tmp_path / "1" / "train.bin").read_bytes() == (tmp_path / "3" / "train.bin").read_bytes()
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_the_one_row_layout_in_blocks_is_the_linear_layer(split: int) -> None:
+    """Column blocks (one per thread; 50,257 outputs do not divide by 2 or 3, so the last block is
+    padded): the same product as nn.Linear for one row and several, and a tied embedding read from
+    the blocks gives the embedding's rows."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 50257)
+    blocked = RowMajorLinear(linear, split=split)
+    assert blocked.weight_t.shape[0] == split
+    with torch.no_grad():
+        for x in (torch.randn(1, 32), torch.randn(2, 5, 32)):
+            torch.testing.assert_close(blocked(x), linear(x), atol=1e-5, rtol=1e-5)
+        ids = torch.tensor([[0, 1, 25128, 25129], [50254, 50255, 50256, 7]])
+        embedding = ColumnEmbedding(blocked)
+        assert torch.equal(embedding(ids), linear.weight[ids])
+        assert torch.equal(embedding.weight, linear.weight)

@@ -140,7 +140,7 @@ class Engine:
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise MicroGPTError("CUDA graphs need a CUDA device")
-        self.model = inference_model(model, quantize, in_place, slots)
+        self.model = inference_model(model, quantize, in_place, slots, most if self.device.type == "cpu" else 1)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.weights = "int8" if quantize == "int8" else str(dtype).removeprefix("torch.")
         c = self.config

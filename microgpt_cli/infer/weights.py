@@ -3,7 +3,8 @@
 - CPU, fp32 (exact), by the rows a step computes. For one row (one sample at a time) every
   linear layer keeps its weight transposed, (in, out), so that one token's product is a
   row-major GEMM, the fastest kernel for that shape (1.4x nn.Linear's on the GPT-2 head, and
-  5-18% faster than oneDNN's); a tied embedding reads the columns of the head's tensor. For
+  5-18% faster than oneDNN's), in one block of columns per thread (see RowMajorLinear); a tied
+  embedding reads the columns of the head's tensor. For
   several rows the blocks' weights are prepacked by oneDNN, the library inductor's freezing
   pass packs them with (`torch.ops.mkldnn`): on the 2-core AMD EPYC development VM a step of 8
   tokens ran 1.4-2x faster than through MKL, whose fp32 GEMM takes a slow path on that CPU; a
@@ -58,15 +59,33 @@ class PackedLinear(nn.Module):
 class RowMajorLinear(nn.Module):
     """nn.Linear with its weight stored transposed and contiguous, (in, out): a few tokens'
     matrix product then runs as a row-major GEMM, 1.4-2x faster than the matrix-vector kernel
-    nn.Linear reaches for one token."""
+    nn.Linear reaches for one token.
 
-    def __init__(self, linear: nn.Linear):
+    That GEMM runs on one thread for one row whatever torch's thread count, so with `split`
+    above 1 the output columns are stored as `split` contiguous blocks, (split, in, out/split),
+    and one batched product computes them, a block per thread: on the 2-core development VM one
+    token's products read the weights at 30 GB/s instead of 19 with 2 threads, and as fast as
+    before with 1."""
+
+    def __init__(self, linear: nn.Linear, split: int = 1):
         super().__init__()
-        self.weight_t = linear.weight.detach().t().contiguous()  # (in, out)
+        weight = linear.weight.detach()  # (out, in)
+        self.out_features, self.in_features = weight.shape
+        width = -(-self.out_features // split)  # columns per block, the last one zero-padded
+        if width * split != self.out_features:
+            weight = F.pad(weight, (0, 0, 0, width * split - self.out_features))
+        self.weight_t = weight.reshape(split, width, self.in_features).transpose(1, 2).contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight_t
+        rows = x.reshape(-1, self.in_features)
+        split, _, width = self.weight_t.shape
+        if split == 1:
+            y = rows @ self.weight_t[0]
+        else:  # (split, rows, width) -> (rows, split * width): the blocks side by side
+            y = torch.bmm(rows.expand(split, -1, -1), self.weight_t).transpose(0, 1).reshape(-1, split * width)
+            y = y[:, : self.out_features]
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
@@ -93,14 +112,18 @@ class ColumnEmbedding(nn.Module):
 
     def __init__(self, head: RowMajorLinear):
         super().__init__()
-        self.weight_t = head.weight_t  # (n_embed, vocab)
+        self.weight_t = head.weight_t  # (split, n_embed, vocab / split)
+        self.vocab = head.out_features
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.weight_t.t()
+        """(vocab, n_embed), as nn.Embedding's (a copy when the head is split in blocks)."""
+        split, n_embed, width = self.weight_t.shape
+        return self.weight_t.transpose(1, 2).reshape(split * width, n_embed)[: self.vocab]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight_t.t())
+        width = self.weight_t.shape[2]
+        return self.weight_t[ids // width, :, ids % width]
 
 
 def _replace(parent: nn.Module, name: str, make: Any) -> None:
@@ -123,10 +146,11 @@ def _copy_to_convert(model: GPT, keeps_embedding: bool) -> GPT:
     return fast
 
 
-def inference_model(model: GPT, quantize: str | None = None, in_place: bool = False, rows: int = 1) -> GPT:
-    """`model` laid out for inference (see the module doc) with steps of up to `rows` rows, in
-    eval mode without gradients. With `in_place` the model itself is converted (the caller gives
-    it up); otherwise it is left alone."""
+def inference_model(model: GPT, quantize: str | None = None, in_place: bool = False, rows: int = 1,
+                    threads: int = 1) -> GPT:
+    """`model` laid out for inference (see the module doc) with steps of up to `rows` rows on up
+    to `threads` threads, in eval mode without gradients. With `in_place` the model itself is
+    converted (the caller gives it up); otherwise it is left alone."""
     device = model.tok_emb.weight.device
     quantize = None if quantize == "none" else quantize
     if quantize not in (None, "int8"):
@@ -144,24 +168,25 @@ def inference_model(model: GPT, quantize: str | None = None, in_place: bool = Fa
 
             quantize_int8(fast)
         else:
-            _pack_fp32(fast, rows)
+            _pack_fp32(fast, rows, threads)
     fast.eval()
     for parameter in fast.parameters():
         parameter.requires_grad_(False)
     return fast
 
 
-def _pack_fp32(model: GPT, rows: int) -> None:
+def _pack_fp32(model: GPT, rows: int, threads: int) -> None:
     """Lay out `model`'s fp32 weights for steps of up to `rows` rows (see the module doc)."""
     tied = model.tok_emb.weight is model.head.weight
     onednn = rows > 1 and onednn_linear()
+    row_major = functools.partial(RowMajorLinear, split=threads if rows == 1 else 1)
     if onednn:
         _replace(model, "head", SourceLinear if tied else PackedLinear)
     else:
-        _replace(model, "head", RowMajorLinear)
+        _replace(model, "head", row_major)
         if tied:
             model.tok_emb = ColumnEmbedding(model.head)  # type: ignore[arg-type, assignment]
     for layer in range(model.config.n_layer):
         for matrix in BLOCK_MATRICES:  # "attn.qkv.weight", ...
             parent, _, name = block_param(layer, matrix).removesuffix(".weight").rpartition(".")
-            _replace(model.get_submodule(parent), name, PackedLinear if onednn else RowMajorLinear)
+            _replace(model.get_submodule(parent), name, PackedLinear if onednn else row_major)
