@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model.gpt import BLOCK_MATRICES, GPT, block_param
@@ -72,9 +71,11 @@ class RowMajorLinear(nn.Module):
         weight = linear.weight.detach()  # (out, in)
         self.out_features, self.in_features = weight.shape
         width = -(-self.out_features // split)  # columns per block, the last one zero-padded
-        if width * split != self.out_features:
-            weight = F.pad(weight, (0, 0, 0, width * split - self.out_features))
-        self.weight_t = weight.reshape(split, width, self.in_features).transpose(1, 2).contiguous()
+        self.weight_t = weight.new_empty(split, self.in_features, width)  # filled block by block: no padded copy
+        for block in range(split):
+            part = weight[block * width : (block + 1) * width]
+            self.weight_t[block, :, : part.shape[0]].copy_(part.t())
+            self.weight_t[block, :, part.shape[0] :].zero_()
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
