@@ -51,8 +51,9 @@ def split_loss(
     from the window holding token i, so tokens 1..N-1 are each scored once. `max_tokens` > 0
     scores only a prefix (a cheaper estimate during training). `shard=(rank, world)` scores
     every world-th window from the rank-th, so the sums over all ranks are the whole split's.
-    `on_progress` gets the number of tokens scored so far after each batch. Past `deadline` (a
-    time.perf_counter value) no further batch is started: the sums then cover a prefix."""
+    `on_progress` gets the number of tokens scored so far after each batch. A batch that would end
+    past `deadline` (a time.perf_counter value), by the last batch's time, is not started: the sums
+    then cover a prefix."""
     was_training = model.training
     model.eval()
     context = model.config.context
@@ -67,6 +68,7 @@ def split_loss(
     sums: list[torch.Tensor] = []  # summed on the host once at the end: no device sync per batch
     count, nbytes = 0, 0
     for first, t in batches:
+        batch_began = time.perf_counter()
         rows = tokens[first[:, None] + np.arange(t + 1)].astype(np.int64)  # (B, t + 1)
         chunk = torch.from_numpy(rows).to(device)
         logits = model(chunk[:, :-1])
@@ -77,11 +79,20 @@ def split_loss(
             nbytes += int(token_bytes[rows[:, 1:]].sum())
         if on_progress is not None:
             on_progress(count)
-        if deadline is not None and time.perf_counter() >= deadline:
+        if _next_batch_misses(deadline, batch_began):
             break
     model.train(was_training)
     total = float(torch.stack(sums).cpu().double().sum()) if sums else 0.0
     return total, count, nbytes
+
+
+def _next_batch_misses(deadline: float | None, batch_began: float) -> bool:
+    """Whether another batch, taking as long as the one begun at `batch_began`, would end past
+    `deadline` (a perf_counter time): an evaluation stops before the deadline, not one batch after."""
+    if deadline is None:
+        return False
+    now = time.perf_counter()
+    return now + (now - batch_began) > deadline
 
 
 @torch.inference_mode()
@@ -104,6 +115,7 @@ def rows_loss(
     sums: list[torch.Tensor] = []
     count, nbytes, positions = 0, 0, 0
     for first in range(0, len(picked), batch_size):
+        batch_began = time.perf_counter()
         inputs, targets = rows.get(picked[first : first + batch_size])
         logits = model(torch.from_numpy(inputs).to(device))
         flat = logits.reshape(-1, logits.size(-1)).float()
@@ -115,7 +127,7 @@ def rows_loss(
             nbytes += int(token_bytes[trained].sum())
         if on_progress is not None:
             on_progress(positions)
-        if deadline is not None and time.perf_counter() >= deadline:
+        if _next_batch_misses(deadline, batch_began):
             break
     model.train(was_training)
     total = float(torch.stack(sums).cpu().double().sum()) if sums else 0.0

@@ -453,12 +453,15 @@ class Clock:
             return 0.0
         run = self._run
         evaluation = self.planned_eval_tokens() / run.world.size * self._forward_token_seconds()
-        if self.save_seconds:
-            save = self.save_seconds
-        else:  # best.pt and last.pt: the weights, and AdamW's two moments in last.pt
-            save = 4 * run.model.num_params() * 4 / SAVE_BYTES_PER_SEC + 0.5
         slack = (run.cfg.log_interval if run.world.distributed else 1) * self.step_seconds  # see Trainer._after_step
-        return 1.1 * (min(evaluation, EVAL_SHARE * self.budget) + save) + slack
+        return 1.1 * (min(evaluation, EVAL_SHARE * self.budget) + self.save_estimate()) + slack
+
+    def save_estimate(self) -> float:
+        """Seconds the saves after an evaluation take: as measured, or estimated before the first."""
+        if self.save_seconds:
+            return self.save_seconds
+        # best.pt and last.pt: the weights, and AdamW's two moments in last.pt
+        return 4 * self._run.model.num_params() * 4 / SAVE_BYTES_PER_SEC + 0.5
 
     def over(self) -> bool:
         return bool(self.budget) and self.elapsed() + self.reserve() >= self.budget
@@ -485,7 +488,7 @@ class Clock:
         """A perf_counter time no evaluation may run past: the budget's end, less the saves."""
         if not self.budget:
             return None
-        return self._start + self.budget - self._before - (self.save_seconds or 0.0)
+        return self._start + self.budget - self._before - self.save_estimate()
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
