@@ -30,6 +30,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+_kept = False  # whether keep_freed_memory changed this process's malloc
+
+
 def keep_freed_memory() -> None:
     """Let glibc's malloc keep what a training step frees, for the next step to reuse.
 
@@ -39,12 +42,23 @@ def keep_freed_memory() -> None:
     kernel. Taken from the heap and never trimmed, they are reused instead; the cost is that the
     process keeps its peak memory until it exits, which a training command does anyway. For the
     CLI's long commands only: a library call must not change its caller's allocator."""
+    global _kept
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     libc.mallopt(m_mmap_max, 0)
     libc.mallopt(m_trim_threshold, 2**31 - 1)
+    _kept = True
+
+
+def release_freed_memory() -> None:
+    """Give back the free pages of a heap that keep_freed_memory keeps, at a rare point (after an
+    evaluation and its saves). Their small allocations land between a step's big freed buffers,
+    which then cannot be merged and reused: without this a run's memory grew by a buffer every
+    few evaluations. The next step faults its pages in once again."""
+    if _kept:
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 @contextlib.contextmanager

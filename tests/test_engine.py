@@ -286,3 +286,11 @@ def test_the_one_row_layout_in_blocks_is_the_linear_layer(split: int) -> None:
         embedding = ColumnEmbedding(blocked)
         assert torch.equal(embedding(ids), linear.weight[ids])
         assert torch.equal(embedding.weight, linear.weight)
+
+
+def test_the_blocked_embedding_refuses_ids_past_the_vocabulary() -> None:
+    """Past the vocabulary an id would read the blocks' zero padding (or wrap around, if negative)."""
+    embedding = ColumnEmbedding(RowMajorLinear(torch.nn.Linear(8, 10, bias=False), split=3))
+    for bad in (10, 11, -1):
+        with pytest.raises(IndexError):
+            embedding(torch.tensor([0, bad]))

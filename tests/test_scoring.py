@@ -4,6 +4,8 @@ and requests longer than the context."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -126,3 +128,24 @@ def test_bad_requests_are_clear_errors(model: GPT) -> None:
         scorer.rolling([[1, 2]], prefix=EOT, stride=model.config.context + 1)
     assert scorer.rolling([[]], prefix=EOT)[0].logprobs == []
     assert scorer.rolling([[5]], prefix=None)[0].logprobs == []
+
+
+def test_log_probabilities_match_log_softmax_even_for_impossible_tokens() -> None:
+    """logprob_columns against log_softmax: ordinary logits, a transposed (tied-head) layout, and a
+    row whose token sits at -inf, where the top-k values must still be numbers (not NaN)."""
+    from microgpt_cli.infer.scoring import logprob_columns
+
+    torch.manual_seed(0)
+    rows = torch.randn(6, 200) * 30  # 6 positions over a vocabulary of 200
+    rows[3] = -math.inf  # position 3 allows token 2 only, and its token is 5
+    rows[3, 2] = 0.0
+    tokens = torch.randint(0, 200, (6,))
+    tokens[3] = 5
+    for layout in (rows, rows.t().contiguous().t()):
+        reference = torch.log_softmax(layout, dim=-1)
+        logprobs, greedy, top_ids, top_values = logprob_columns(layout, tokens, top_k=3)
+        torch.testing.assert_close(logprobs, reference.gather(-1, tokens[:, None])[:, 0], atol=1e-5, rtol=0)
+        assert logprobs[3] == -math.inf and not top_values.isnan().any() and top_values[3, 0] == 0.0
+        torch.testing.assert_close(top_values, reference.topk(3, dim=-1).values, atol=1e-5, rtol=0)
+        assert torch.equal(top_ids, layout.topk(3, dim=-1).indices)
+        assert torch.equal(greedy, layout.argmax(-1) == tokens)

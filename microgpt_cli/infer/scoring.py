@@ -87,6 +87,9 @@ def logprob_columns(logits: torch.Tensor, tokens: torch.Tensor,
     logprobs = -F.cross_entropy(logits, tokens, reduction="none")
     greedy = logits.argmax(dim=-1) == tokens
     norm = logits.gather(-1, tokens[:, None]) - logprobs[:, None]
+    impossible = ~torch.isfinite(logprobs)  # a token at -inf: the normalizer cannot come from it
+    if top_k and bool(impossible.any()):
+        norm[impossible] = torch.logsumexp(logits[impossible], dim=-1, keepdim=True)
     top_values, top_ids = logits.topk(min(top_k, logits.size(-1)), dim=-1)
     return logprobs, greedy, top_ids, top_values - norm
 

@@ -123,6 +123,9 @@ class ColumnEmbedding(nn.Module):
         return self.weight_t.transpose(1, 2).reshape(split * width, n_embed)[: self.vocab]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Ids past the vocabulary would land in the blocks' padding (or wrap, for negative ones).
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
+            raise IndexError(f"token id out of range for a vocabulary of {self.vocab}")
         width = self.weight_t.shape[2]
         return self.weight_t[ids // width, :, ids % width]
 

@@ -45,6 +45,7 @@ from microgpt_cli.device import (
     ensure_fits,
     model_flops_utilization,
     peak_flops,
+    release_freed_memory,
     resolve_device,
 )
 from microgpt_cli.errors import Interrupted, MicroGPTError
@@ -801,6 +802,7 @@ class Trainer:
         if improved:
             self.files.save("best.pt", run, metrics, resumable=False)
         self.files.save("last.pt", run, metrics, resumable=True)
+        release_freed_memory()
         clock.save_seconds = time.perf_counter() - evaluated
         run.elapsed = clock.elapsed()
         self.last = metrics
