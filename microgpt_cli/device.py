@@ -39,9 +39,9 @@ def keep_freed_memory() -> None:
     A step's large buffers (a GPT-2-vocabulary model's logits and their gradient are tens of MB)
     are over glibc's mmap threshold, so by default each is mapped, zeroed page by page and unmapped
     again on every step: with a GPT-2 tokenizer on a CPU that was half the step time, in the
-    kernel. Taken from the heap and never trimmed, they are reused instead; the cost is that the
-    process keeps its peak memory until it exits, which a training command does anyway. For the
-    CLI's long commands only: a library call must not change its caller's allocator."""
+    kernel. Taken from the heap and not trimmed, they are reused instead; training gives the free
+    pages back after each evaluation (release_freed_memory). For the CLI's long commands only: a
+    library call must not change its caller's allocator."""
     global _kept
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
