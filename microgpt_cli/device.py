@@ -30,7 +30,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-_kept = False  # whether keep_freed_memory changed this process's malloc
+_glibc: ctypes.CDLL | None = None  # set once keep_freed_memory has changed this process's malloc
 
 
 def keep_freed_memory() -> None:
@@ -42,14 +42,13 @@ def keep_freed_memory() -> None:
     kernel. Taken from the heap and not trimmed, they are reused instead; training gives the free
     pages back after each evaluation (release_freed_memory). For the CLI's long commands only: a
     library call must not change its caller's allocator."""
-    global _kept
+    global _glibc
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
-    libc = ctypes.CDLL(None)
+    _glibc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
-    _kept = True
+    _glibc.mallopt(m_mmap_max, 0)
+    _glibc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def release_freed_memory() -> None:
@@ -57,8 +56,8 @@ def release_freed_memory() -> None:
     evaluation and its saves). Their small allocations land between a step's big freed buffers,
     which then cannot be merged and reused: without this a run's memory grew by a buffer every
     few evaluations. The next step faults its pages in once again."""
-    if _kept:
-        ctypes.CDLL(None).malloc_trim(0)
+    if _glibc is not None:
+        _glibc.malloc_trim(0)
 
 
 @contextlib.contextmanager
