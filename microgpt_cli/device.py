@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import mmap
 import platform
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -30,9 +33,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-_glibc: ctypes.CDLL | None = None  # set once keep_freed_memory has changed this process's malloc
-
-
 def keep_freed_memory() -> None:
     """Let glibc's malloc keep what a training step frees, for the next step to reuse.
 
@@ -42,22 +42,59 @@ def keep_freed_memory() -> None:
     kernel. Taken from the heap and not trimmed, they are reused instead; training gives the free
     pages back after each evaluation (release_freed_memory). For the CLI's long commands only: a
     library call must not change its caller's allocator."""
-    global _glibc
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
-    _glibc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    _glibc.mallopt(m_mmap_max, 0)
-    _glibc.mallopt(m_trim_threshold, 2**31 - 1)
+    _libc().mallopt(m_mmap_max, 0)  # type: ignore[union-attr]
+    _libc().mallopt(m_trim_threshold, 2**31 - 1)  # type: ignore[union-attr]
 
 
 def release_freed_memory() -> None:
-    """Give back the free pages of a heap that keep_freed_memory keeps, at a rare point (after an
-    evaluation and its saves). Their small allocations land between a step's big freed buffers,
-    which then cannot be merged and reused: without this a run's memory grew by a buffer every
-    few evaluations. The next step faults its pages in once again."""
-    if _glibc is not None:
-        _glibc.malloc_trim(0)
+    """Give back the free pages inside glibc's heap, at a rare point: after an evaluation and its
+    saves in training (the small allocations they make land between a step's big freed buffers
+    that keep_freed_memory keeps, which then cannot be merged and reused: without this a run's
+    memory grew by a buffer every few evaluations), and after an engine has converted a model
+    (the conversion's temporaries). The next allocations fault their pages in once again."""
+    if _libc() is not None and platform.libc_ver()[0] == "glibc":
+        _libc().malloc_trim(0)  # type: ignore[union-attr]
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop this process's resident pages of `tensor` where it lies in a private mapping of a file
+    (a checkpoint loaded with `mapped=True`), for a tensor its owner is done with: a layer whose
+    int8 or packed copy replaced it, a weight the load has checked. The file keeps the data, and a
+    page read again comes back from it, so this changes no value (the weights are never written);
+    it keeps the peak memory of a load near the model's final size. Anything else (memory of
+    the heap, other systems) is left alone."""
+    if _libc() is None or tensor.device.type != "cpu" or not tensor.numel():
+        return
+    start = tensor.untyped_storage().data_ptr()
+    end = start + tensor.untyped_storage().nbytes()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # whole pages only: neighbours may share the rest
+    if last <= first or not _in_private_file_mapping(first, last):
+        return
+    madv_dontneed = 4  # from Linux's mman.h
+    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), madv_dontneed)  # type: ignore[union-attr]
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    return ctypes.CDLL(None) if platform.system() == "Linux" else None
+
+
+def _in_private_file_mapping(start: int, end: int) -> bool:
+    """Whether [start, end) lies within one private mapping of a file (from /proc/self/maps)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        low, _, high = fields[0].partition("-")
+        if int(low, 16) <= start and end <= int(high, 16):
+            return fields[1].endswith("p") and len(fields) == 6 and fields[5].startswith("/")
+    return False
 
 
 @contextlib.contextmanager

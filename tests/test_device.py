@@ -1,5 +1,6 @@
 """What the GPU measurements rest on, checked on any machine: the peak table, a measured peak and
-the MFU arithmetic (tests/test_train.py covers the summary's warm-up-free tokens/s)."""
+the MFU arithmetic (tests/test_train.py covers the summary's warm-up-free tokens/s); and the
+process memory settings (glibc's heap, the pages of mapped checkpoints)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import math
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from microgpt_cli.config import PRESETS, ModelConfig, resolve
-from microgpt_cli.device import known_peak_flops, measured_peak_flops, model_flops_utilization, peak_flops
+from microgpt_cli.device import (
+    known_peak_flops,
+    measured_peak_flops,
+    model_flops_utilization,
+    peak_flops,
+    release_pages,
+)
 from microgpt_cli.model.gpt import GPT
 
 
@@ -94,3 +102,29 @@ def test_kept_memory_is_given_back_after_an_evaluation() -> None:
     released = int(subprocess.run([sys.executable, "-c", _HOLE_GIVEN_BACK], capture_output=True, text=True,
                                   check=True).stdout)
     assert released > 150_000_000, released
+
+
+def _rss_file() -> int:
+    """This process's resident pages of mapped files, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="Linux's madvise and /proc")
+def test_released_pages_of_a_mapped_file_come_back_unchanged_and_other_memory_is_left_alone(tmp_path: Path) -> None:
+    """release_pages drops a file-mapped tensor's resident pages, whose values then read back
+    from the file; on a tensor of ordinary memory it must do nothing (dropping those pages
+    would zero them)."""
+    values = torch.arange(8_000_000, dtype=torch.float32)  # 32 MB
+    torch.save({"w": values}, tmp_path / "w.pt")
+    mapped = torch.load(tmp_path / "w.pt", mmap=True, weights_only=True)["w"]
+    assert torch.equal(mapped, values)  # every page read in
+    before = _rss_file()
+    release_pages(mapped)
+    assert before - _rss_file() > 24_000_000
+    assert torch.equal(mapped, values)
+    heap = values.clone()
+    release_pages(heap)
+    assert torch.equal(heap, values)

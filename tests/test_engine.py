@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +16,11 @@ import torch
 from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer import weights
-from microgpt_cli.infer.engine import GROW_STEP, Engine, RowMajorLinear, inference_model
+from microgpt_cli.infer.engine import GROW_STEP, Engine, RowBlockLinear, inference_model
 from microgpt_cli.infer.evaluation import evaluate
 from microgpt_cli.infer.sampling import generate_text
 from microgpt_cli.infer.threads import ThreadChooser
-from microgpt_cli.infer.weights import ColumnEmbedding, PackedLinear, SourceLinear, onednn_linear
+from microgpt_cli.infer.weights import ROW_BLOCK_ROWS, PackedLinear, SourceLinear, onednn_linear
 from microgpt_cli.io import checkpoint
 from microgpt_cli.model.gpt import BLOCK_MATRICES, block_param
 
@@ -71,8 +73,10 @@ def test_the_decoding_copy_matches_the_model_and_leaves_it_alone() -> None:
     fast = inference_model(model)
     assert fast is not model
     assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
-    assert any(isinstance(m, RowMajorLinear) for m in fast.modules())
+    assert isinstance(fast.head, RowBlockLinear)
+    assert fast.head.weight.data_ptr() == model.head.weight.data_ptr()  # read as it is, not copied
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the caller's model is untouched
+    assert all(p.requires_grad for p in model.parameters())
     idx = torch.randint(0, 40, (2, 16))
     with torch.no_grad():
         assert torch.allclose(model(idx), fast(idx), atol=1e-5)
@@ -88,7 +92,10 @@ def test_int8_copy_quantizes_every_linear_and_stays_close(char_tokenizer: Tokeni
     linears = [m for m in int8.modules() if type(m).__name__ == "Linear"]
     assert len(linears) == 4 * model.config.n_layer + 1  # qkv, proj, up, down per block, and the head
     assert all(type(m).__module__.startswith("torch.ao.nn.quantized") for m in linears)
-    assert torch.equal(model.tok_emb.weight, embedding) and torch.equal(int8.tok_emb.weight, embedding)
+    assert torch.equal(model.tok_emb.weight, embedding)  # the caller's model is untouched
+    assert type(int8.tok_emb.embedding).__module__.startswith("torch.ao.nn.quantized")  # a quarter of the fp32 table
+    ids = torch.arange(char_tokenizer.vocab_size)
+    torch.testing.assert_close(int8.tok_emb(ids), embedding[ids], atol=float(embedding.abs().max()) / 100, rtol=0)
     idx = torch.randint(0, char_tokenizer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         exact, approx = model(idx), int8(idx)
@@ -139,17 +146,20 @@ def greedy_alone(engine: Engine, ids: list[int], steps: int) -> list[int]:
 
 
 def test_both_fp32_layouts_decode_the_models_greedy_tokens_past_the_context() -> None:
-    """One sample decodes with transposed weights, several with oneDNN-packed ones and the tied
-    head read from the embedding itself: on a GPT-2-vocabulary model, rows of different lengths
-    (one longer than the context) decoded together give what each gives alone, and that is the
-    original model's greedy choice, uncached, while the sequence fits the window."""
+    """One sample decodes with the weights as stored, in blocks of rows, several with
+    oneDNN-packed ones and the tied head read from the embedding itself: on a GPT-2-vocabulary
+    model, rows of different lengths (one longer than the context) decoded together give what
+    each gives alone, and that is the original model's greedy choice, uncached, while the
+    sequence fits the window."""
     model = tiny_model(50257, n_embed=32)
     context, steps = model.config.context, 3 * model.config.context
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     prompts = [list(range(100, 100 + n)) for n in (3, 9, context + 4)]
     alone = Engine(model, 1)
     batch = Engine(model, len(prompts))
-    assert isinstance(alone.model.head, RowMajorLinear) and isinstance(alone.model.tok_emb, ColumnEmbedding)
+    assert isinstance(alone.model.head, RowBlockLinear)
+    assert alone.model.head.blocks.size(0) == torch.get_num_threads()  # a block per thread
+    assert alone.model.tok_emb.weight.data_ptr() == alone.model.head.weight.data_ptr() == model.head.weight.data_ptr()
     if onednn_linear():
         assert isinstance(batch.model.head, SourceLinear)
         assert isinstance(batch.model.get_submodule("blocks.0.attn.qkv"), PackedLinear)
@@ -172,9 +182,9 @@ def test_both_fp32_layouts_decode_the_models_greedy_tokens_past_the_context() ->
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # the caller's model
 
 
-def test_without_onednn_every_layout_is_the_transposed_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A torch built without oneDNN (ARM, some custom builds) decodes batches with the
-    transposed weights, to the same tokens."""
+def test_without_onednn_every_layout_is_the_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch built without oneDNN (ARM, some custom builds) decodes batches with the weights
+    in blocks of rows, to the same tokens."""
     model = tiny_model(50257, n_embed=32)
     packed = greedy_alone(Engine(model, 2), [5, 6, 7], 20)
     monkeypatch.setattr(weights, "onednn_linear", lambda: False)
@@ -270,27 +280,57 @@ def test_threads_option_and_environment_variable(capsys: pytest.CaptureFixture[s
     assert (tmp_path / "1" / "train.bin").read_bytes() == (tmp_path / "3" / "train.bin").read_bytes()
 
 
-@pytest.mark.parametrize("split", [1, 2, 3])
-def test_the_one_row_layout_in_blocks_is_the_linear_layer(split: int) -> None:
-    """Column blocks (one per thread; 50,257 outputs do not divide by 2 or 3, so the last block is
-    padded): the same product as nn.Linear for one row and several, and a tied embedding read from
-    the blocks gives the embedding's rows."""
+@pytest.mark.parametrize("split", [1, 2, 3, 4])
+def test_the_row_blocks_are_the_linear_layer_without_a_copy(split: int) -> None:
+    """Blocks of rows, one per thread (50,257 outputs divide by none of 2, 3 and 4, so the blocks
+    overlap): the same product as nn.Linear for one row, a few, and more than the blocks take,
+    with a bias, over the layer's own weight."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(32, 50257)
-    blocked = RowMajorLinear(linear, split=split)
-    assert blocked.weight_t.shape[0] == split
-    with torch.no_grad():
-        for x in (torch.randn(1, 32), torch.randn(2, 5, 32)):
-            torch.testing.assert_close(blocked(x), linear(x), atol=1e-5, rtol=1e-5)
-        ids = torch.tensor([[0, 1, 25128, 25129], [50254, 50255, 50256, 7]])
-        embedding = ColumnEmbedding(blocked)
-        assert torch.equal(embedding(ids), linear.weight[ids])
-        assert torch.equal(embedding.weight, linear.weight)
+    for linear in (torch.nn.Linear(32, 50257, bias=False), torch.nn.Linear(32, 12)):
+        blocked = RowBlockLinear(linear, split=split)
+        assert blocked.blocks.size(0) == split
+        assert blocked.blocks.untyped_storage().data_ptr() == linear.weight.untyped_storage().data_ptr()
+        with torch.no_grad():
+            for x in (torch.randn(1, 32), torch.randn(1, 1, 32), torch.randn(2, 5, 32),
+                      torch.randn(ROW_BLOCK_ROWS + 1, 32)):
+                torch.testing.assert_close(blocked(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
-def test_the_blocked_embedding_refuses_ids_past_the_vocabulary() -> None:
-    """Past the vocabulary an id would read the blocks' zero padding (or wrap around, if negative)."""
-    embedding = ColumnEmbedding(RowMajorLinear(torch.nn.Linear(8, 10, bias=False), split=3))
-    for bad in (10, 11, -1):
-        with pytest.raises(IndexError):
-            embedding(torch.tensor([0, bad]))
+# --- memory of a load -----------------------------------------------------------------------------
+
+_LOAD_MEMORY = """
+import json, sys
+from pathlib import Path
+from microgpt_cli.config import SamplingSettings
+from microgpt_cli.data.tokenizer import named
+from microgpt_cli.infer.sampling import load_sampler
+def status(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) * 1024
+named("gpt2").encode("warm")  # GPT-2's BPE tables, built once per process: not the model's
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
+base = status("VmRSS:")
+sampler = load_sampler(sys.argv[1], device="cpu", quantize=sys.argv[2], threads=2)
+after = status("VmRSS:") - base
+assert len(list(sampler.stream("Hello", SamplingSettings(length=3, seed=0)))) >= 1
+print(json.dumps({"peak": status("VmHWM:") - base, "after": after}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
+def test_a_loaded_model_is_never_held_twice(tmp_path: Path) -> None:
+    """A GPT-2-vocabulary model (a 51 MB tied embedding and 25 MB of blocks) loaded for decoding
+    in a fresh process. fp32: the engine reads the checkpoint's pages as they are (a
+    transposed copy, or a finite-check over the whole tensor, would add a model's worth). int8:
+    the fp32 weights are let go as each layer is quantized, and the embedding is int8 too (an
+    fp32 one would stay at the file's size)."""
+    from microgpt_cli.data.tokenizer import named
+
+    path = tmp_path / "gpt2-vocab.pt"
+    checkpoint.save(path, checkpoint.Checkpoint.of(tiny_model(50257, n_embed=256, n_layer=8), named("gpt2")))
+    size = path.stat().st_size
+    for quantize, peak, after in (("none", 1.5, 1.5), ("int8", 2.0, 1.0)):
+        out = subprocess.run([sys.executable, "-c", _LOAD_MEMORY, str(path), quantize], capture_output=True,
+                             text=True, check=True).stdout
+        memory = json.loads(out)
+        assert memory["peak"] < peak * size and memory["after"] < after * size, (quantize, memory, size)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from microgpt_cli.config import InvalidSetting
+from microgpt_cli.config import InvalidSetting, SamplingSettings
 from microgpt_cli.data.tokenizer import Tokenizer, named, train_bpe, train_char
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer.engine import sample_next
-from microgpt_cli.infer.sampling import Detokenizer, generate_text, generate_texts, stream_text
+from microgpt_cli.infer.sampling import Detokenizer, Sampler, generate_text, generate_texts, stream_text
 from microgpt_cli.model.gpt import GPT
 
 from conftest import TINY_TEXT, tiny_model
@@ -267,3 +267,17 @@ def test_text_before_a_stop_that_starts_mid_token_is_kept() -> None:
         detok = Detokenizer(tokenizer, stop=("never there", stop))
         pieces = [detok.push(i) for i in ids] + [detok.finish()]
         assert "".join(pieces) == text[: text.index(stop)] and detok.stopped, stop
+
+
+def test_on_a_cpu_each_token_is_out_before_the_next_step_runs(char_tokenizer: Tokenizer) -> None:
+    """A CPU has no device to overlap with, so the step that computes the next token runs only
+    after this one has been handed out: the first token costs the prompt, not the prompt and a
+    step (which time to first token would otherwise count)."""
+    sampler = Sampler(tiny_model(char_tokenizer.vocab_size), char_tokenizer)
+    prompt = char_tokenizer.encode("Hello")
+    stream = sampler.batch([prompt], SamplingSettings(length=4, temperature=0))
+    held = []
+    for _ in stream:
+        held.append(sampler.engine.lengths[0])  # tokens in the cache when each piece arrives
+    assert held == [len(prompt) + i for i in range(4)]
+    assert 0 < stream.first_token_seconds < stream.seconds

@@ -5,8 +5,8 @@ and the server.
 - Slots: the engine decodes up to `slots` sequences at once, each with its own length, in one
   preallocated KV cache. Prompts of different lengths can share a batch; a sequence can start in
   a free slot while the others are mid-way (the server's continuous batching).
-- CPU: exact fp32 (these CPUs have no bf16 units); linear layers are stored transposed, or as
-  int8 weights with `quantize="int8"` (see quantize.py).
+- CPU: exact fp32 (these CPUs have no bf16 units), laid out by weights.py, or int8 weights
+  with `quantize="int8"` (see quantize.py).
 - CUDA: bf16 weights and cache; the one-token step runs over the whole static cache with a mask,
   so its shapes never change, and is captured once per batch size in a CUDA graph that replays
   the ~100 kernels of a step with one launch.
@@ -24,10 +24,10 @@ from microgpt_cli.config import MAX_SEED, ModelConfig, check_threads
 from microgpt_cli.device import free_memory
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer.threads import ThreadChooser
-from microgpt_cli.infer.weights import RowMajorLinear, inference_model
+from microgpt_cli.infer.weights import RowBlockLinear, inference_model
 from microgpt_cli.model.gpt import GPT
 
-__all__ = ["MAX_SLOTS", "Engine", "RowMajorLinear", "SlotCache", "inference_model", "make_generators", "sample_next"]
+__all__ = ["MAX_SLOTS", "Engine", "RowBlockLinear", "SlotCache", "inference_model", "make_generators", "sample_next"]
 
 GREEDY_BELOW = 1e-30  # temperatures under this sample as 0 does: float32 cannot divide by much less
 MAX_SLOTS = 1024

@@ -161,13 +161,13 @@ def evaluate(
     rows = None
     if text is not None:
         source = read_text(Path(text))  # before loading the model: a wrong path fails fast
-        model, tokenizer = load_checkpoint(checkpoint, resolved)
+        model, tokenizer = load_checkpoint(checkpoint, resolved, mapped=True)
         source, skipped = _known_text(source, tokenizer, Path(text), skip_unknown)
         tokens = tokenizer.encode_array(source)
     else:
         meta = dataset.read_meta(data_dir)
         dataset.data_tokenizer(meta)  # meta.json's vocabulary size agrees with its tokenizer
-        model, tokenizer = load_checkpoint(checkpoint, resolved)
+        model, tokenizer = load_checkpoint(checkpoint, resolved, mapped=True)
         if not extends(tokenizer.spec, meta["tokenizer"]):  # a chat model reads its base's data as its base does
             dataset.check_same_tokenizer(meta, tokenizer.spec, Path(data_dir), "the checkpoint",
                                          "prepare the data with the checkpoint's tokenizer or pass --text FILE")
@@ -238,7 +238,7 @@ def evaluate_tasks(
     from microgpt_cli.infer.sampling import Sampler
     from microgpt_cli.io.checkpoint import resolve_path
 
-    model, tokenizer = load_checkpoint(checkpoint, resolve_device(device))
+    model, tokenizer = load_checkpoint(checkpoint, resolve_device(device), mapped=True)
     quantize = None if quantize == "none" else quantize
     sampler = Sampler(model, tokenizer, batch_size, quantize)
     info = {"microgpt_checkpoint": str(resolve_path(checkpoint)), "model_num_parameters": model.num_params(),

@@ -185,6 +185,9 @@ class BatchStream:
         generators = make_generators(engine.device, s.seed, n)
         penalized = bool(s.frequency_penalty or s.presence_penalty)
         counts = torch.zeros((n, self.sampler.vocab), device=engine.device) if penalized else None
+        # A GPU computes the next step while the host reads and streams these tokens; on a CPU the
+        # step would only delay them, so it runs after they are out.
+        overlap = engine.device.type != "cpu"
         start = time.perf_counter()
         try:
             # inference_mode is entered per call, never across a yield, so the caller's code between
@@ -197,7 +200,7 @@ class BatchStream:
                                          counts, s.frequency_penalty, s.presence_penalty)
                     if counts is not None:
                         count_sampled(counts, tokens)
-                    if i + 1 < s.length:
+                    if overlap and i + 1 < s.length:
                         logits = engine.step(tokens)  # queued before the sync below, which it does not need
                 new = tokens.tolist()  # the one host sync per step, needed to stream anyway
                 if i == 0:
@@ -215,6 +218,9 @@ class BatchStream:
                         yield row, piece
                 if all(text.stopped for text in texts):
                     return
+                if not overlap and i + 1 < s.length:
+                    with torch.inference_mode():
+                        logits = engine.step(tokens)
             for row, text in enumerate(texts):
                 tail = text.finish()
                 if tail:
@@ -265,7 +271,7 @@ def load_model(model: GPT | str | Path, tokenizer: Tokenizer | None, device: str
     from microgpt_cli.device import resolve_device
     from microgpt_cli.io.checkpoint import load_checkpoint
 
-    return load_checkpoint(model, resolve_device(device))
+    return load_checkpoint(model, resolve_device(device), mapped=True)
 
 
 def load_sampler(model: GPT | str | Path, tokenizer: Tokenizer | None = None, device: str = "auto",

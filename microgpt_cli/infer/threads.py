@@ -29,13 +29,23 @@ SMOOTHING = 0.3  # weight of the newest time in the moving average
 
 
 def idle_cpus() -> int | None:
-    """CPUs that no other task is running on at this instant, from the kernel's count of runnable
-    tasks (which includes this one); None where that cannot be told."""
+    """CPUs that no other process is running on at this instant, from the kernel's count of
+    runnable tasks less this process's own (its OpenMP threads spin for a while after each
+    parallel region, and would read as load); None where that cannot be told."""
     try:
         running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        own = sum(_running(task) for task in Path("/proc/self/task").iterdir())
     except (OSError, ValueError, IndexError):
         return None
-    return max(0, available_cpus() - running + 1)
+    return max(0, available_cpus() - max(0, running - own))
+
+
+def _running(task: Path) -> bool:
+    """Whether a thread of this process is runnable (state R); one that ended meanwhile is not."""
+    try:
+        return (task / "stat").read_text().rpartition(")")[2].split()[0] == "R"
+    except (OSError, IndexError):
+        return False
 
 
 def thread_options(most: int) -> list[int]:

@@ -1,15 +1,14 @@
 """The model's weights laid out for inference: what the engine decodes and scores with.
 
 - CPU, fp32 (exact), by the rows a step computes. For one row (one sample at a time) every
-  linear layer keeps its weight transposed, (in, out), so that one token's product is a
-  row-major GEMM, the fastest kernel for that shape (1.4x nn.Linear's on the GPT-2 head, and
-  5-18% faster than oneDNN's), in one block of columns per thread (see RowMajorLinear); a tied
-  embedding reads the columns of the head's tensor. For
-  several rows the blocks' weights are prepacked by oneDNN, the library inductor's freezing
-  pass packs them with (`torch.ops.mkldnn`): on the 2-core AMD EPYC development VM a step of 8
-  tokens ran 1.4-2x faster than through MKL, whose fp32 GEMM takes a slow path on that CPU; a
-  tied head then runs through oneDNN with the embedding's own tensor (SourceLinear), an untied
-  one is prepacked too. The whole model is never held twice either way.
+  linear layer keeps its weight as stored, read as one block of rows per thread (see
+  RowBlockLinear), and a tied embedding reads the head's tensor: the checkpoint's tensors are
+  used as they are, with no copy. For several rows the blocks' weights are prepacked by oneDNN,
+  the library inductor's freezing pass packs them with (`torch.ops.mkldnn`): on the 2-core AMD
+  EPYC development VM a step of 8 tokens ran 1.4-2x faster than through MKL, whose fp32 GEMM
+  takes a slow path on that CPU; a tied head then runs through oneDNN with the embedding's own
+  tensor (SourceLinear), an untied one is prepacked too, one layer at a time. The whole model is
+  never held twice either way.
 - CPU, int8: see quantize.py.
 - CUDA: bf16 weights.
 
@@ -26,9 +25,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from microgpt_cli.device import release_freed_memory, release_pages
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model.gpt import BLOCK_MATRICES, GPT, block_param
+
+ROW_BLOCK_ROWS = 256  # rows up to which RowBlockLinear's blocks are at least as fast as nn.Linear's GEMM
 
 
 @functools.cache
@@ -55,37 +58,45 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-class RowMajorLinear(nn.Module):
-    """nn.Linear with its weight stored transposed and contiguous, (in, out): a few tokens'
-    matrix product then runs as a row-major GEMM, 1.4-2x faster than the matrix-vector kernel
-    nn.Linear reaches for one token.
+class RowBlockLinear(nn.Module):
+    """nn.Linear for steps of one or a few rows, with its weight as stored, (out, in), read as
+    `split` blocks of whole rows, (split, out / split, in): one batched product computes a block
+    per thread, each output the dot product of a contiguous weight row with the input.
 
-    That GEMM runs on one thread for one row whatever torch's thread count, so with `split`
-    above 1 the output columns are stored as `split` contiguous blocks, (split, in, out/split),
-    and one batched product computes them, a block per thread: on the 2-core development VM one
-    token's products read the weights at 30 GB/s instead of 19 with 2 threads, and as fast as
-    before with 1."""
+    torch runs one row's product on a single thread whatever its thread count, through a
+    matrix-vector kernel that read GPT-2's weights at 12-17 GB/s on the 2-core development VM;
+    the blocks read them at 43-52 GB/s with 2 threads (22-27 with 1), 1.7x the speed of the
+    transposed layout this replaced. A few rows (a prompt) multiply each block transposed, the
+    fastest of the kernels tried for 2 to 256 rows; past that nn.Linear's GEMM is used. No copy
+    of the weight is made: a model loaded for the engine keeps the checkpoint's tensors as they are."""
 
     def __init__(self, linear: nn.Linear, split: int = 1):
         super().__init__()
-        weight = linear.weight.detach()  # (out, in)
-        self.out_features, self.in_features = weight.shape
-        width = -(-self.out_features // split)  # columns per block, the last one zero-padded
-        self.weight_t = weight.new_empty(split, self.in_features, width)  # filled block by block: no padded copy
-        for block in range(split):
-            part = weight[block * width : (block + 1) * width]
-            self.weight_t[block, :, : part.shape[0]].copy_(part.t())
-            self.weight_t[block, :, part.shape[0] :].zero_()
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.weight = linear.weight.detach()  # (out, in): the source's tensor, which a tied embedding reads too
+        self.out_features, self.in_features = self.weight.shape
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        # Blocks start `step` rows apart and are `width` rows tall. Where `split` does not divide
+        # the rows (GPT-2's 50,257), the blocks overlap by a few rows instead of being padded,
+        # which would copy the weight.
+        split, out = min(split, self.out_features), self.out_features
+        self.step = out if split == 1 else (out - -(-out // split)) // (split - 1)
+        width = out - (split - 1) * self.step
+        self.blocks = self.weight.as_strided((split, width, self.in_features), (self.step * self.in_features,
+                                                                               self.in_features, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        split, _, width = self.weight_t.shape
-        if split == 1:
-            y = rows @ self.weight_t[0]
-        else:  # (split, rows, width) -> (rows, split * width): the blocks side by side
-            y = torch.bmm(rows.expand(split, -1, -1), self.weight_t).transpose(0, 1).reshape(-1, split * width)
-            y = y[:, : self.out_features]
+        n, split = rows.size(0), self.blocks.size(0)
+        if n > ROW_BLOCK_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        if n == 1:  # each output a dot product of a weight row with x
+            y = torch.bmm(self.blocks, rows.t().expand(split, -1, -1)).transpose(1, 2)  # (split, 1, width)
+        else:  # x times each block transposed: MKL's fast GEMM for a few rows
+            y = torch.bmm(rows.expand(split, -1, -1), self.blocks.transpose(1, 2))  # (split, n, width)
+        if y.size(2) == self.step:  # the blocks side by side
+            y = y.transpose(0, 1).reshape(n, self.out_features)
+        else:  # overlapping blocks: each one up to where the next starts, the last one whole
+            y = torch.cat((y[:-1, :, : self.step].transpose(0, 1).reshape(n, -1), y[-1]), dim=1)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -107,36 +118,17 @@ class SourceLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class ColumnEmbedding(nn.Module):
-    """The token embedding of a tied model, read from the columns of the head's transposed
-    weight so that the two keep sharing one tensor."""
-
-    def __init__(self, head: RowMajorLinear):
-        super().__init__()
-        self.weight_t = head.weight_t  # (split, n_embed, vocab / split)
-        self.vocab = head.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """(vocab, n_embed), as nn.Embedding's (a copy when the head is split in blocks)."""
-        split, n_embed, width = self.weight_t.shape
-        return self.weight_t.transpose(1, 2).reshape(split * width, n_embed)[: self.vocab]
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # Ids past the vocabulary would land in the blocks' padding (or wrap, for negative ones).
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
-            raise IndexError(f"token id out of range for a vocabulary of {self.vocab}")
-        width = self.weight_t.shape[2]
-        return self.weight_t[ids // width, :, ids % width]
-
-
-def _replace(parent: nn.Module, name: str, make: Any) -> None:
+def _replace(parent: nn.Module, name: str, make: Any, release: bool = False) -> None:
     """Swap child `name` of `parent` for make(child): the old module (and its weights, if nothing
-    else holds them) is freed before the next one is converted."""
-    setattr(parent, name, make(getattr(parent, name)))
+    else holds them) is freed before the next one is converted, and with `release` its weight's
+    pages memory-mapped from a checkpoint are let go too (see release_pages)."""
+    old = getattr(parent, name)
+    setattr(parent, name, make(old))
+    if release:
+        release_pages(old.weight)
 
 
-def _copy_to_convert(model: GPT, keeps_embedding: bool) -> GPT:
+def _copy_to_convert(model: GPT) -> GPT:
     """A copy of `model` to convert, in which the linear layers (replaced by the conversion,
     which only reads them) still hold the model's own weights: only what is kept is copied."""
     memo: dict[int, Any] = {}
@@ -144,10 +136,7 @@ def _copy_to_convert(model: GPT, keeps_embedding: bool) -> GPT:
         if isinstance(module, nn.Linear):
             for parameter in module.parameters(recurse=False):
                 memo[id(parameter)] = parameter
-    fast = copy.deepcopy(model, memo)
-    if keeps_embedding and fast.tok_emb.weight is model.tok_emb.weight:  # tied to the head, which is replaced
-        fast.tok_emb.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
-    return fast
+    return copy.deepcopy(model, memo)
 
 
 def inference_model(model: GPT, quantize: str | None = None, in_place: bool = False, rows: int = 1,
@@ -166,31 +155,33 @@ def inference_model(model: GPT, quantize: str | None = None, in_place: bool = Fa
         fast = model if in_place else copy.deepcopy(model)
         fast = fast.to(torch.bfloat16) if device.type == "cuda" else fast
     else:
-        fast = model if in_place else _copy_to_convert(model, keeps_embedding=quantize == "int8")
+        fast = model if in_place else _copy_to_convert(model)
         if quantize == "int8":
             from microgpt_cli.model.quantize import quantize_int8
 
-            quantize_int8(fast)
+            quantize_int8(fast, release=in_place)
         else:
-            _pack_fp32(fast, rows, threads)
+            _pack_fp32(fast, rows, threads, release=in_place)
+        release_freed_memory()
     fast.eval()
     for parameter in fast.parameters():
         parameter.requires_grad_(False)
     return fast
 
 
-def _pack_fp32(model: GPT, rows: int, threads: int) -> None:
-    """Lay out `model`'s fp32 weights for steps of up to `rows` rows (see the module doc)."""
+def _pack_fp32(model: GPT, rows: int, threads: int, release: bool) -> None:
+    """Lay out `model`'s fp32 weights for steps of up to `rows` rows (see the module doc); with
+    `release`, the pages of the weights that packed copies replace are let go."""
     tied = model.tok_emb.weight is model.head.weight
     onednn = rows > 1 and onednn_linear()
-    row_major = functools.partial(RowMajorLinear, split=threads if rows == 1 else 1)
+    row_blocks = functools.partial(RowBlockLinear, split=threads if rows == 1 else 1)
     if onednn:
-        _replace(model, "head", SourceLinear if tied else PackedLinear)
+        _replace(model, "head", SourceLinear if tied else PackedLinear, release=release and not tied)
     else:
-        _replace(model, "head", row_major)
-        if tied:
-            model.tok_emb = ColumnEmbedding(model.head)  # type: ignore[arg-type, assignment]
+        _replace(model, "head", row_blocks)
+    if tied:  # a Parameter of its own over the same tensor: the caller's model is not touched
+        model.tok_emb = nn.Embedding.from_pretrained(model.head.weight, freeze=True)
     for layer in range(model.config.n_layer):
         for matrix in BLOCK_MATRICES:  # "attn.qkv.weight", ...
             parent, _, name = block_param(layer, matrix).removesuffix(".weight").rpartition(".")
-            _replace(model.get_submodule(parent), name, PackedLinear if onednn else row_major)
+            _replace(model.get_submodule(parent), name, PackedLinear if onednn else row_blocks, release and onednn)

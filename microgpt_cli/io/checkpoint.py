@@ -24,6 +24,7 @@ import torch
 from microgpt_cli.config import ModelConfig, TrainConfig
 from microgpt_cli.data.dataset import META_FILE, data_tokenizer, read_meta
 from microgpt_cli.data.tokenizer import Tokenizer, check_spec, from_spec, spec_vocab_size
+from microgpt_cli.device import release_pages
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.io.files import atomic_write
 from microgpt_cli.model.gpt import GPT, count_params
@@ -219,13 +220,17 @@ class Checkpoint:
 
 
 def check_tensors(weights: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse weights that are not floating point, or hold NaN or infinity, naming the first."""
+    """Refuse weights that are not floating point, or hold NaN or infinity, naming the first.
+    Tensors memory-mapped from a file are read and then let go (see release_pages), so that a
+    check does not keep the whole file in memory."""
     for name, tensor in weights.items():
         if not tensor.is_floating_point():
             raise MicroGPTError(f"{source} holds {name} as {str(tensor.dtype).removeprefix('torch.')}; model weights "
                                 f"must be floating point (fp32, fp16 or bf16)")
-        if not bool(torch.isfinite(tensor).all()):
+        # The extremes, not isfinite(): no temporary of the tensor's size (NaN propagates to both).
+        if tensor.numel() and not all(math.isfinite(float(x)) for x in torch.aminmax(tensor.detach())):
             raise MicroGPTError(f"{source} holds NaN or infinite values in {name}: these weights cannot be used")
+        release_pages(tensor)
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -294,13 +299,19 @@ def _check_integrity(path: Path) -> None:
                             f"(a run dir keeps best.pt and last.pt)")
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read and check a checkpoint; a truncated, corrupted, foreign or malicious file is a clear error."""
+def load(path: str | Path, map_location: str | torch.device = "cpu", mapped: bool = False) -> Checkpoint:
+    """Read and check a checkpoint; a truncated, corrupted, foreign or malicious file is a clear error.
+
+    `mapped`, for inference: the tensors are memory-mapped from the file (privately: nothing is
+    ever written back) instead of read into memory, so that an engine that converts the weights
+    layer by layer never holds the whole model twice, and the fp32 layout uses the file's pages
+    as they are. Checkpoints are replaced by renaming a new file over them, never rewritten, so a
+    mapping stays valid while a training run saves."""
     path = resolve_path(path)
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise MicroGPTError(f"{path} is not a microgpt checkpoint (not a torch.save file, or truncated)")
     _check_integrity(path)
-    return Checkpoint.from_dict(load_weights_only(path, map_location, "microgpt checkpoint"), path)
+    return Checkpoint.from_dict(load_weights_only(path, map_location, "microgpt checkpoint", mapped), path)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -317,13 +328,14 @@ def is_checkpoint(path: Path) -> bool:
     return isinstance(state, dict) and all(key in state for key in _REQUIRED)
 
 
-def load_weights_only(path: Path, map_location: str | torch.device = "cpu", what: str = "checkpoint") -> Any:
+def load_weights_only(path: Path, map_location: str | torch.device = "cpu", what: str = "checkpoint",
+                      mapped: bool = False) -> Any:
     """torch.load(weights_only=True) of a file nobody vouches for: whatever is wrong with it is one
-    MicroGPTError naming `what` it should have been."""
+    MicroGPTError naming `what` it should have been. `mapped`: tensors memory-mapped (see load)."""
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing them
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mapped)
     except pickle.UnpicklingError:
         raise MicroGPTError(f"{path} is not a safe {what}: it asks to run code or load objects that weights_only "
                             "loading refuses") from None
@@ -334,9 +346,11 @@ def load_weights_only(path: Path, map_location: str | torch.device = "cpu", what
                             f"{type(exc).__name__}{': ' if detail else ''}{detail}") from None
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """The model (in eval mode, on `device`) and tokenizer of a checkpoint file or run dir."""
-    checkpoint = load(path)
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    mapped: bool = False) -> tuple[GPT, Tokenizer]:
+    """The model (in eval mode, on `device`) and tokenizer of a checkpoint file or run dir;
+    `mapped`: its weights memory-mapped from the file (see load), for inference."""
+    checkpoint = load(path, mapped=mapped)
     model = checkpoint.build_model().to(device).eval()
     return model, checkpoint.tokenizer_object()
 

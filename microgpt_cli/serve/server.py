@@ -597,7 +597,7 @@ class Service:
         self.socket = bind(settings.host, settings.port, backlog=min(2048, settings.max_connections))
         try:
             self.path = resolve_path(checkpoint)
-            state = load(self.path)
+            state = load(self.path, mapped=True)
             model = state.build_model().to(resolve_device(device)).eval()
             tokenizer, metrics = state.tokenizer_object(), state.metrics
             del state  # it holds the weights too: the engine converts them in place, never beside a copy
