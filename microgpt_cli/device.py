@@ -78,6 +78,40 @@ def release_pages(tensor: torch.Tensor) -> None:
     _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), madv_dontneed)  # type: ignore[union-attr]
 
 
+def in_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of CPU `tensor` in memory that Linux backs with 2 MB pages (transparent huge pages,
+    asked for with madvise), or `tensor` itself where the system gives none.
+
+    A decode step reads every weight once, and with 4 KB pages that is a TLB miss every 4 KB: on
+    the development VM GPT-2's one-sample fp32 step took 14-15.5 ms from huge pages against
+    18.5-19.5 from the checkpoint's own pages. Only the whole 2 MB pages inside the tensor are
+    asked for, so its last partial page costs no more than 4 KB of memory."""
+    huge = 2 << 20
+    if (_libc() is None or tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() < huge
+            or _transparent_huge_pages() == "never"):
+        return tensor
+    nbytes = tensor.numel() * tensor.element_size()
+    region = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    offset = -address % huge  # the first 2 MB boundary
+    madv_hugepage = 14  # from Linux's mman.h
+    _libc().madvise(ctypes.c_void_p(address + offset), ctypes.c_size_t(nbytes // huge * huge),  # type: ignore[union-attr]
+                    madv_hugepage)
+    # frombuffer holds `region` for as long as the tensor lives.
+    copy = torch.frombuffer(region, dtype=tensor.dtype, count=tensor.numel(), offset=offset).view(tensor.shape)
+    return copy.copy_(tensor)
+
+
+@functools.cache
+def _transparent_huge_pages() -> str:
+    """The system's transparent huge page mode (always, madvise or never; never where unknown)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text.partition("[")[2].partition("]")[0] or "never"
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
     return ctypes.CDLL(None) if platform.system() == "Linux" else None

@@ -74,7 +74,6 @@ def test_the_decoding_copy_matches_the_model_and_leaves_it_alone() -> None:
     assert fast is not model
     assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
     assert isinstance(fast.head, RowBlockLinear)
-    assert fast.head.weight.data_ptr() == model.head.weight.data_ptr()  # read as it is, not copied
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the caller's model is untouched
     assert all(p.requires_grad for p in model.parameters())
     idx = torch.randint(0, 40, (2, 16))
@@ -159,7 +158,7 @@ def test_both_fp32_layouts_decode_the_models_greedy_tokens_past_the_context() ->
     batch = Engine(model, len(prompts))
     assert isinstance(alone.model.head, RowBlockLinear)
     assert alone.model.head.blocks.size(0) == torch.get_num_threads()  # a block per thread
-    assert alone.model.tok_emb.weight.data_ptr() == alone.model.head.weight.data_ptr() == model.head.weight.data_ptr()
+    assert alone.model.tok_emb.weight.data_ptr() == alone.model.head.weight.data_ptr()  # one tensor for both
     if onednn_linear():
         assert isinstance(batch.model.head, SourceLinear)
         assert isinstance(batch.model.get_submodule("blocks.0.attn.qkv"), PackedLinear)
@@ -281,15 +280,15 @@ def test_threads_option_and_environment_variable(capsys: pytest.CaptureFixture[s
 
 
 @pytest.mark.parametrize("split", [1, 2, 3, 4])
-def test_the_row_blocks_are_the_linear_layer_without_a_copy(split: int) -> None:
+def test_the_row_blocks_are_the_linear_layer(split: int) -> None:
     """Blocks of rows, one per thread (50,257 outputs divide by none of 2, 3 and 4, so the blocks
     overlap): the same product as nn.Linear for one row, a few, and more than the blocks take,
-    with a bias, over the layer's own weight."""
+    with a bias; the blocks are views of one weight, not padded copies."""
     torch.manual_seed(0)
     for linear in (torch.nn.Linear(32, 50257, bias=False), torch.nn.Linear(32, 12)):
         blocked = RowBlockLinear(linear, split=split)
         assert blocked.blocks.size(0) == split
-        assert blocked.blocks.untyped_storage().data_ptr() == linear.weight.untyped_storage().data_ptr()
+        assert blocked.blocks.untyped_storage().data_ptr() == blocked.weight.untyped_storage().data_ptr()  # views
         with torch.no_grad():
             for x in (torch.randn(1, 32), torch.randn(1, 1, 32), torch.randn(2, 5, 32),
                       torch.randn(ROW_BLOCK_ROWS + 1, 32)):

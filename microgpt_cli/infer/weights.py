@@ -1,14 +1,15 @@
 """The model's weights laid out for inference: what the engine decodes and scores with.
 
 - CPU, fp32 (exact), by the rows a step computes. For one row (one sample at a time) every
-  linear layer keeps its weight as stored, read as one block of rows per thread (see
-  RowBlockLinear), and a tied embedding reads the head's tensor: the checkpoint's tensors are
-  used as they are, with no copy. For several rows the blocks' weights are prepacked by oneDNN,
-  the library inductor's freezing pass packs them with (`torch.ops.mkldnn`): on the 2-core AMD
-  EPYC development VM a step of 8 tokens ran 1.4-2x faster than through MKL, whose fp32 GEMM
-  takes a slow path on that CPU; a tied head then runs through oneDNN with the embedding's own
-  tensor (SourceLinear), an untied one is prepacked too, one layer at a time. The whole model is
-  never held twice either way.
+  linear layer keeps its weight as stored, (out, in), read as one block of rows per thread (see
+  RowBlockLinear), copied into memory backed by 2 MB pages (see device.in_huge_pages), and a
+  tied embedding reads the head's tensor. For several rows the blocks' weights are prepacked by
+  oneDNN, the library inductor's freezing pass packs them with (`torch.ops.mkldnn`): on the
+  2-core AMD EPYC development VM a step of 8 tokens ran 1.4-2x faster than through MKL, whose
+  fp32 GEMM takes a slow path on that CPU; a tied head then runs through oneDNN with the
+  embedding's own tensor (SourceLinear), an untied one is prepacked too. Layers are converted
+  one at a time, and the pages of a checkpoint's weight a copy replaced are let go, so the
+  whole model is never held twice either way.
 - CPU, int8: see quantize.py.
 - CUDA: bf16 weights.
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microgpt_cli.device import release_freed_memory, release_pages
+from microgpt_cli.device import in_huge_pages, release_freed_memory, release_pages
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model.gpt import BLOCK_MATRICES, GPT, block_param
 
@@ -67,12 +68,12 @@ class RowBlockLinear(nn.Module):
     matrix-vector kernel that read GPT-2's weights at 12-17 GB/s on the 2-core development VM;
     the blocks read them at 43-52 GB/s with 2 threads (22-27 with 1), 1.7x the speed of the
     transposed layout this replaced. A few rows (a prompt) multiply each block transposed, the
-    fastest of the kernels tried for 2 to 256 rows; past that nn.Linear's GEMM is used. No copy
-    of the weight is made: a model loaded for the engine keeps the checkpoint's tensors as they are."""
+    fastest of the kernels tried for 2 to 256 rows; past that nn.Linear's GEMM is used. The
+    blocks are views of the weight: no padded or transposed copy."""
 
     def __init__(self, linear: nn.Linear, split: int = 1):
         super().__init__()
-        self.weight = linear.weight.detach()  # (out, in): the source's tensor, which a tied embedding reads too
+        self.weight = in_huge_pages(linear.weight.detach())  # (out, in), which a tied embedding reads too
         self.out_features, self.in_features = self.weight.shape
         self.bias = None if linear.bias is None else linear.bias.detach()
         # Blocks start `step` rows apart and are `width` rows tall. Where `split` does not divide
@@ -103,12 +104,13 @@ class RowBlockLinear(nn.Module):
 
 class SourceLinear(nn.Module):
     """The head of a tied model, for steps of several rows: logits^T = W x^T through oneDNN, with
-    W, the embedding as stored, the source operand, so that the head needs no copy of its own
-    (1.7x the transposed head's speed for 8 rows on the development VM, 0.93x for one)."""
+    W, the embedding's (vocab, n_embed) tensor, the source operand, so that the head and the
+    embedding share one tensor (1.7x the transposed head's speed for 8 rows on the development
+    VM, 0.93x for one)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight = linear.weight.detach()  # (out, in): the embedding's own tensor
+        self.weight = in_huge_pages(linear.weight.detach())  # (out, in), which the embedding reads too
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,8 +125,10 @@ def _replace(parent: nn.Module, name: str, make: Any, release: bool = False) -> 
     else holds them) is freed before the next one is converted, and with `release` its weight's
     pages memory-mapped from a checkpoint are let go too (see release_pages)."""
     old = getattr(parent, name)
-    setattr(parent, name, make(old))
-    if release:
+    new = make(old)
+    setattr(parent, name, new)
+    kept = getattr(new, "weight", None)
+    if release and (kept is None or kept.data_ptr() != old.weight.data_ptr()):
         release_pages(old.weight)
 
 
@@ -176,12 +180,12 @@ def _pack_fp32(model: GPT, rows: int, threads: int, release: bool) -> None:
     onednn = rows > 1 and onednn_linear()
     row_blocks = functools.partial(RowBlockLinear, split=threads if rows == 1 else 1)
     if onednn:
-        _replace(model, "head", SourceLinear if tied else PackedLinear, release=release and not tied)
+        _replace(model, "head", SourceLinear if tied else PackedLinear, release)
     else:
-        _replace(model, "head", row_blocks)
+        _replace(model, "head", row_blocks, release)
     if tied:  # a Parameter of its own over the same tensor: the caller's model is not touched
         model.tok_emb = nn.Embedding.from_pretrained(model.head.weight, freeze=True)
     for layer in range(model.config.n_layer):
         for matrix in BLOCK_MATRICES:  # "attn.qkv.weight", ...
             parent, _, name = block_param(layer, matrix).removesuffix(".weight").rpartition(".")
-            _replace(model.get_submodule(parent), name, PackedLinear if onednn else row_blocks, release and onednn)
+            _replace(model.get_submodule(parent), name, PackedLinear if onednn else row_blocks, release)
