@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microgpt_cli.device import in_huge_pages, release_freed_memory, release_pages
+from microgpt_cli.device import in_huge_pages, is_file_mapped, release_freed_memory, release_pages
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model.gpt import BLOCK_MATRICES, GPT, block_param
 
@@ -71,11 +71,11 @@ class RowBlockLinear(nn.Module):
     fastest of the kernels tried for 2 to 256 rows; past that nn.Linear's GEMM is used. The
     blocks are views of the weight: no padded or transposed copy."""
 
-    def __init__(self, linear: nn.Linear, split: int = 1):
+    def __init__(self, linear: nn.Linear, split: int = 1, release: bool = False):
         super().__init__()
-        self.weight = in_huge_pages(linear.weight.detach())  # (out, in), which a tied embedding reads too
+        self.weight = in_huge_pages(linear.weight.detach(), release)  # (out, in), which a tied embedding reads too
         self.out_features, self.in_features = self.weight.shape
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
         # Blocks start `step` rows apart and are `width` rows tall. Where `split` does not divide
         # the rows (GPT-2's 50,257), the blocks overlap by a few rows instead of being padded,
         # which would copy the weight.
@@ -108,9 +108,9 @@ class SourceLinear(nn.Module):
     embedding share one tensor (1.7x the transposed head's speed for 8 rows on the development
     VM, 0.93x for one)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, release: bool = False):
         super().__init__()
-        self.weight = in_huge_pages(linear.weight.detach())  # (out, in), which the embedding reads too
+        self.weight = in_huge_pages(linear.weight.detach(), release)  # (out, in), which the embedding reads too
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +166,8 @@ def inference_model(model: GPT, quantize: str | None = None, in_place: bool = Fa
             quantize_int8(fast, release=in_place)
         else:
             _pack_fp32(fast, rows, threads, release=in_place)
+        if in_place:
+            _own_memory(fast)
         release_freed_memory()
     fast.eval()
     for parameter in fast.parameters():
@@ -175,12 +177,12 @@ def inference_model(model: GPT, quantize: str | None = None, in_place: bool = Fa
 
 def _pack_fp32(model: GPT, rows: int, threads: int, release: bool) -> None:
     """Lay out `model`'s fp32 weights for steps of up to `rows` rows (see the module doc); with
-    `release`, the pages of the weights that packed copies replace are let go."""
+    `release`, the pages of the weights that copies replace are let go."""
     tied = model.tok_emb.weight is model.head.weight
     onednn = rows > 1 and onednn_linear()
-    row_blocks = functools.partial(RowBlockLinear, split=threads if rows == 1 else 1)
+    row_blocks = functools.partial(RowBlockLinear, split=threads if rows == 1 else 1, release=release)
     if onednn:
-        _replace(model, "head", SourceLinear if tied else PackedLinear, release)
+        _replace(model, "head", functools.partial(SourceLinear, release=release) if tied else PackedLinear, release)
     else:
         _replace(model, "head", row_blocks, release)
     if tied:  # a Parameter of its own over the same tensor: the caller's model is not touched
@@ -189,3 +191,18 @@ def _pack_fp32(model: GPT, rows: int, threads: int, release: bool) -> None:
         for matrix in BLOCK_MATRICES:  # "attn.qkv.weight", ...
             parent, _, name = block_param(layer, matrix).removesuffix(".weight").rpartition(".")
             _replace(model.get_submodule(parent), name, PackedLinear if onednn else row_blocks, release)
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy what a converted model still reads from a mapped checkpoint (norms, position
+    embeddings: small) into memory of its own, and let the file's pages go. The kernel maps a
+    file's page cache in large folios, so reading a 3 KB bias there kept megabytes around it
+    resident: 98 MB of GPT-2's file after one prompt."""
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if is_file_mapped(tensor):
+                own = tensor.detach().clone()
+                if isinstance(tensor, nn.Parameter):
+                    own = nn.Parameter(own, requires_grad=False)
+                setattr(module, name, own)
+                release_pages(tensor)

@@ -221,8 +221,8 @@ class Checkpoint:
 
 def check_tensors(weights: dict[str, torch.Tensor], source: str) -> None:
     """Refuse weights that are not floating point, or hold NaN or infinity, naming the first.
-    Tensors memory-mapped from a file are read and then let go (see release_pages), so that a
-    check does not keep the whole file in memory."""
+    Tensors just memory-mapped from a file (never written) are read and then let go (see
+    release_pages), so that a check does not keep the whole file in memory."""
     for name, tensor in weights.items():
         if not tensor.is_floating_point():
             raise MicroGPTError(f"{source} holds {name} as {str(tensor.dtype).removeprefix('torch.')}; model weights "

@@ -48,6 +48,8 @@ def quantize_int8(model: nn.Module, release: bool = False) -> nn.Module:
             parent = model.get_submodule(parent_path)
             layer = getattr(parent, name)
             convert, layer.qconfig = kinds[type(layer)]
+            if release and getattr(layer, "bias", None) is not None:  # the int8 layer keeps its bias, not a copy
+                layer.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
             setattr(parent, name, convert(layer))
             if release:
                 release_pages(layer.weight)
