@@ -240,9 +240,9 @@ def evaluate_tasks(
 
     model, tokenizer = load_checkpoint(checkpoint, resolve_device(device), mapped=True)
     quantize = None if quantize == "none" else quantize
-    sampler = Sampler(model, tokenizer, batch_size, quantize)
-    info = {"microgpt_checkpoint": str(resolve_path(checkpoint)), "model_num_parameters": model.num_params(),
-            "tokenizer": tokenizer.name, "context": model.config.context, "quantize": quantize or "none",
+    sampler = Sampler(model, tokenizer, batch_size, quantize, in_place=True)  # converted as loaded: held once
+    info = {"microgpt_checkpoint": str(resolve_path(checkpoint)), "model_num_parameters": sampler.engine.num_params,
+            "tokenizer": tokenizer.name, "context": sampler.engine.config.context, "quantize": quantize or "none",
             "device": str(sampler.engine.device)}
     return harness.run_tasks(sampler, names, None if include_path is None else Path(include_path),
                              int(limit) if limit is not None and limit >= 1 else limit, num_fewshot, batch_size,
