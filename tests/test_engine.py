@@ -20,7 +20,7 @@ from microgpt_cli.infer.engine import GROW_STEP, Engine, RowBlockLinear, inferen
 from microgpt_cli.infer.evaluation import evaluate
 from microgpt_cli.infer.sampling import generate_text
 from microgpt_cli.infer.threads import ThreadChooser
-from microgpt_cli.infer.weights import ROW_BLOCK_ROWS, PackedLinear, SourceLinear, onednn_linear
+from microgpt_cli.infer.weights import ROW_BLOCK_ROWS, SPLIT_FROM, PackedLinear, SourceLinear, onednn_linear
 from microgpt_cli.io import checkpoint
 from microgpt_cli.model.gpt import BLOCK_MATRICES, block_param
 
@@ -282,12 +282,13 @@ def test_threads_option_and_environment_variable(capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize("split", [1, 2, 3, 4])
 def test_the_row_blocks_are_the_linear_layer(split: int) -> None:
     """Blocks of rows, one per thread (50,257 outputs divide by none of 2, 3 and 4, so the blocks
-    overlap): the same product as nn.Linear for one row, a few, and more than the blocks take,
-    with a bias; the blocks are views of one weight, not padded copies."""
+    overlap; a small layer stays whole): the same product as nn.Linear for one row, a few, and
+    more than the blocks take, with a bias; the blocks are views of one weight, not padded
+    copies."""
     torch.manual_seed(0)
     for linear in (torch.nn.Linear(32, 50257, bias=False), torch.nn.Linear(32, 12)):
         blocked = RowBlockLinear(linear, split=split)
-        assert blocked.blocks.size(0) == split
+        assert blocked.blocks.size(0) == (split if linear.weight.numel() >= SPLIT_FROM else 1)  # small: one block
         assert blocked.blocks.untyped_storage().data_ptr() == blocked.weight.untyped_storage().data_ptr()  # views
         with torch.no_grad():
             for x in (torch.randn(1, 32), torch.randn(1, 1, 32), torch.randn(2, 5, 32),

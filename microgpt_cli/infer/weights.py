@@ -33,6 +33,9 @@ from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model.gpt import BLOCK_MATRICES, GPT, block_param
 
 ROW_BLOCK_ROWS = 256  # rows up to which RowBlockLinear's blocks are at least as fast as nn.Linear's GEMM
+# Weights smaller than this are not split among threads: reading them takes less time than the
+# extra ops (the `--preset cpu` model's layers, 64K parameters, ran faster in one block).
+SPLIT_FROM = 1 << 18
 
 
 @functools.cache
@@ -79,7 +82,8 @@ class RowBlockLinear(nn.Module):
         # Blocks start `step` rows apart and are `width` rows tall. Where `split` does not divide
         # the rows (GPT-2's 50,257), the blocks overlap by a few rows instead of being padded,
         # which would copy the weight.
-        split, out = min(split, self.out_features), self.out_features
+        out = self.out_features
+        split = min(split, out) if self.weight.numel() >= SPLIT_FROM else 1
         self.step = out if split == 1 else (out - -(-out // split)) // (split - 1)
         width = out - (split - 1) * self.step
         self.blocks = self.weight.as_strided((split, width, self.in_features), (self.step * self.in_features,
@@ -88,7 +92,7 @@ class RowBlockLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         n, split = rows.size(0), self.blocks.size(0)
-        if n > ROW_BLOCK_ROWS:
+        if n > ROW_BLOCK_ROWS or self.weight.numel() < SPLIT_FROM:  # a small layer: one op is what costs
             return F.linear(x, self.weight, self.bias)
         if n == 1:  # each output a dot product of a weight row with x
             y = torch.bmm(self.blocks, rows.t().expand(split, -1, -1)).transpose(1, 2)  # (split, 1, width)
