@@ -92,9 +92,14 @@ def test_int8_copy_quantizes_every_linear_and_stays_close(char_tokenizer: Tokeni
     assert len(linears) == 4 * model.config.n_layer + 1  # qkv, proj, up, down per block, and the head
     assert all(type(m).__module__.startswith("torch.ao.nn.quantized") for m in linears)
     assert torch.equal(model.tok_emb.weight, embedding)  # the caller's model is untouched
-    assert type(int8.tok_emb.embedding).__module__.startswith("torch.ao.nn.quantized")  # a quarter of the fp32 table
-    ids = torch.arange(char_tokenizer.vocab_size)
-    torch.testing.assert_close(int8.tok_emb(ids), embedding[ids], atol=float(embedding.abs().max()) / 100, rtol=0)
+    assert torch.equal(int8.tok_emb.weight, embedding)  # a small embedding stays fp32
+    large = tiny_model(50257, n_embed=32, tie_weights=True)  # 1.6M weights: int8, a quarter of the fp32 table
+    embedding = large.tok_emb.weight.detach()
+    quantized = inference_model(large, "int8").tok_emb
+    assert type(quantized.embedding).__module__.startswith("torch.ao.nn.quantized")
+    ids = torch.tensor([[0, 1, 25000], [50256, 7, 7]])
+    torch.testing.assert_close(quantized(ids), embedding[ids], atol=float(embedding.abs().max()) / 100, rtol=0)
+    assert torch.equal(quantized(ids.t()), quantized(ids).transpose(0, 1))  # ids in any layout
     idx = torch.randint(0, char_tokenizer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         exact, approx = model(idx), int8(idx)
