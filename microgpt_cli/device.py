@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from microgpt_cli.config import DEVICE_PATTERN
@@ -62,10 +63,11 @@ def release_freed_memory() -> None:
 def release_pages(tensor: torch.Tensor) -> None:
     """Drop this process's resident pages of `tensor` where it lies in a private mapping of a file
     (a checkpoint loaded with `mapped=True`), for a tensor its owner is done with: a layer whose
-    int8 or packed copy replaced it, a weight the load has checked. The file keeps the data, and a
-    page read again comes back from it, so this changes no value (the weights are never written);
-    it keeps the peak memory of a load near the model's final size. Anything else (memory of
-    the heap, other systems) is left alone."""
+    int8 or packed copy replaced it, a weight the load has checked. It keeps the peak memory of a
+    load near the model's final size. Only pages that still hold the file's bytes are dropped
+    (the kernel's page map says which): one comes back from the file if read again, so no value
+    changes, and a page written since it was mapped (a private copy) is kept. Anything else
+    (memory of the heap, other systems) is left alone."""
     if _libc() is None or tensor.device.type != "cpu" or not tensor.numel():
         return
     if tensor.is_contiguous():
@@ -77,8 +79,19 @@ def release_pages(tensor: torch.Tensor) -> None:
     first, last = -(-start // page) * page, end // page * page  # whole pages only: neighbours may share the rest
     if last <= first or not _in_private_file_mapping(first, last):
         return
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first // page * 8)
+            entries = np.frombuffer(pagemap.read((last - first) // page * 8), dtype=np.uint64)
+    except OSError:
+        return
+    # Bit 63: present; bit 61: a page of the file (a written page is anonymous, bit 61 clear).
+    clean = ((entries >> np.uint64(63)) & (entries >> np.uint64(61)) & np.uint64(1)).astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], clean, [0]))))  # starts and ends of clean runs
     madv_dontneed = 4  # from Linux's mman.h
-    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), madv_dontneed)  # type: ignore[union-attr]
+    for run_start, run_end in edges.reshape(-1, 2).tolist():
+        _libc().madvise(ctypes.c_void_p(first + run_start * page), ctypes.c_size_t((run_end - run_start) * page),  # type: ignore[union-attr]
+                        madv_dontneed)
 
 
 def in_huge_pages(tensor: torch.Tensor, release: bool = False) -> torch.Tensor:
@@ -88,15 +101,16 @@ def in_huge_pages(tensor: torch.Tensor, release: bool = False) -> torch.Tensor:
     let go as they are copied (release_pages), so that a mapped checkpoint's weight and its copy
     are not in memory whole at once.
 
-    A decode step reads every weight once, and with 4 KB pages that is a TLB miss every 4 KB: on
-    the development VM GPT-2's one-sample fp32 step took 13-13.5 ms from huge pages against
-    15.5-16.5 from the checkpoint's own pages. Only the whole 2 MB pages inside the tensor are
-    asked for, so its last partial page costs no more than 4 KB of memory."""
+    The copy is always contiguous. A decode step reads every weight once, and with 4 KB pages
+    that is a TLB miss every 4 KB: on the development VM GPT-2's one-sample fp32 step took
+    13-13.5 ms from huge pages against 15.5-16.5 from the checkpoint's own pages. Only the whole
+    2 MB pages inside the tensor are asked for, so its last partial page costs no more than 4 KB
+    of memory."""
     huge = 2 << 20
     nbytes = tensor.numel() * tensor.element_size()
     if (_libc() is None or tensor.device.type != "cpu" or nbytes < huge or not tensor.is_contiguous()
             or _transparent_huge_pages() == "never"):
-        copy = tensor.clone()
+        copy = tensor.clone(memory_format=torch.contiguous_format)  # row-major, whatever the source's strides
         if release:
             release_pages(tensor)
         return copy

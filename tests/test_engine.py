@@ -91,7 +91,8 @@ def test_int8_copy_quantizes_every_linear_and_stays_close(char_tokenizer: Tokeni
     linears = [m for m in int8.modules() if type(m).__name__ == "Linear"]
     assert len(linears) == 4 * model.config.n_layer + 1  # qkv, proj, up, down per block, and the head
     assert all(type(m).__module__.startswith("torch.ao.nn.quantized") for m in linears)
-    assert torch.equal(model.tok_emb.weight, embedding)  # the caller's model is untouched
+    assert torch.equal(model.tok_emb.weight, embedding)  # the caller's model is untouched, gradients included
+    assert all(p.requires_grad for p in model.parameters()) and int8.tok_emb.weight is not model.tok_emb.weight
     assert torch.equal(int8.tok_emb.weight, embedding)  # a small embedding stays fp32
     large = tiny_model(50257, n_embed=32, tie_weights=True)  # 1.6M weights: int8, a quarter of the fp32 table
     embedding = large.tok_emb.weight.detach()
@@ -100,6 +101,8 @@ def test_int8_copy_quantizes_every_linear_and_stays_close(char_tokenizer: Tokeni
     ids = torch.tensor([[0, 1, 25000], [50256, 7, 7]])
     torch.testing.assert_close(quantized(ids), embedding[ids], atol=float(embedding.abs().max()) / 100, rtol=0)
     assert torch.equal(quantized(ids.t()), quantized(ids).transpose(0, 1))  # ids in any layout
+    with pytest.raises(IndexError):  # as nn.Embedding says it
+        quantized(torch.tensor([50257]))
     idx = torch.randint(0, char_tokenizer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         exact, approx = model(idx), int8(idx)
@@ -347,3 +350,30 @@ def test_a_loaded_model_is_never_held_twice(tmp_path: Path) -> None:
         memory = json.loads(out)
         assert memory["peak"] < peak * size and memory["after"] < after * size, (quantize, memory, size)
         assert memory["file"] < 0.05 * size, (quantize, memory, size)  # decoding reads its own copies
+
+
+def test_row_blocks_read_each_row_about_once_on_many_threads() -> None:
+    """On a many-core machine the block count is at most the thread count, chosen so that the
+    blocks' overlap stays under 1% of the rows (56 blocks of GPT-2's 768 rows would read the
+    weight 3.9 times)."""
+    for out, threads in ((768, 56), (768, 112), (2304, 112), (50257, 56), (50257, 2)):
+        linear = torch.nn.Linear(512, out)
+        blocked = RowBlockLinear(linear, split=threads)
+        blocks, width, _ = blocked.blocks.shape
+        assert 1 < blocks <= threads and blocks * width <= out * 1.01, (out, threads, blocks, width)
+        with torch.no_grad():
+            x = torch.randn(1, 512)
+            torch.testing.assert_close(blocked(x), linear(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_weight_in_another_layout_decodes_as_the_model() -> None:
+    """A GPT built in Python may hold a weight that is a transposed view: the engine's copy is
+    row-major, as the row blocks read it."""
+    for tied in (True, False):
+        model = tiny_model(50257, n_embed=64, tie_weights=tied)
+        model.head.weight = torch.nn.Parameter(model.head.weight.detach().t().contiguous().t())
+        if tied:
+            model.tok_emb.weight = model.head.weight
+        with torch.inference_mode():
+            expected = model(torch.tensor([[1, 2, 3]]))[0, -1]
+            torch.testing.assert_close(Engine(model, 1).prefill(0, [1, 2, 3]), expected, atol=1e-5, rtol=1e-5)

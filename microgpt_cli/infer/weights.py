@@ -79,13 +79,14 @@ class RowBlockLinear(nn.Module):
         self.weight = in_huge_pages(linear.weight.detach(), release)  # (out, in), which a tied embedding reads too
         self.out_features, self.in_features = self.weight.shape
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
-        # Blocks start `step` rows apart and are `width` rows tall. Where `split` does not divide
-        # the rows (GPT-2's 50,257), the blocks overlap by a few rows instead of being padded,
-        # which would copy the weight.
+        # Blocks start `step` rows apart and are `width` rows tall. Where the block count does not
+        # divide the rows (GPT-2's 50,257), the blocks overlap instead of being padded, which would
+        # copy the weight; the count is the most, up to `split`, that reads under 1% of the rows
+        # twice (768 rows in 56 blocks would read 3.9x the weight, in 48 once).
         out = self.out_features
         split = min(split, out) if self.weight.numel() >= SPLIT_FROM else 1
-        self.step = out if split == 1 else (out - -(-out // split)) // (split - 1)
-        width = out - (split - 1) * self.step
+        split = max(n for n in range(1, split + 1) if n * _block_rows(out, n)[1] <= out + out // 100)
+        self.step, width = _block_rows(out, split)
         self.blocks = self.weight.as_strided((split, width, self.in_features), (self.step * self.in_features,
                                                                                self.in_features, 1))
 
@@ -106,11 +107,20 @@ class RowBlockLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _block_rows(rows: int, blocks: int) -> tuple[int, int]:
+    """(step, width): `blocks` blocks of `width` rows, starting `step` rows apart, that cover
+    `rows` rows exactly, the last one ending at the last row."""
+    if blocks == 1:
+        return rows, rows
+    step = (rows - -(-rows // blocks)) // (blocks - 1)
+    return step, rows - (blocks - 1) * step
+
+
 class SourceLinear(nn.Module):
     """The head of a tied model, for steps of several rows: logits^T = W x^T through oneDNN, with
     W, the embedding's (vocab, n_embed) tensor, the source operand, so that the head and the
-    embedding share one tensor (1.7x the transposed head's speed for 8 rows on the development
-    VM, 0.93x for one)."""
+    embedding share one tensor (1.7x the speed of a transposed copy for 8 rows on the
+    development VM)."""
 
     def __init__(self, linear: nn.Linear, release: bool = False):
         super().__init__()
@@ -172,6 +182,8 @@ def inference_model(model: GPT, quantize: str | None = None, in_place: bool = Fa
             _pack_fp32(fast, rows, threads, release=in_place)
         if in_place:
             _own_memory(fast)
+        else:
+            _own_memory(fast, caller=model)
         release_freed_memory()
     fast.eval()
     for parameter in fast.parameters():
@@ -197,16 +209,21 @@ def _pack_fp32(model: GPT, rows: int, threads: int, release: bool) -> None:
             _replace(model.get_submodule(parent), name, PackedLinear if onednn else row_blocks, release)
 
 
-def _own_memory(model: nn.Module) -> None:
+def _own_memory(model: nn.Module, caller: nn.Module | None = None) -> None:
     """Copy what a converted model still reads from a mapped checkpoint (norms, position
     embeddings: small) into memory of its own, and let the file's pages go. The kernel maps a
     file's page cache in large folios, so reading a 3 KB bias there kept megabytes around it
-    resident: 98 MB of GPT-2's file after one prompt."""
+    resident: 98 MB of GPT-2's file after one prompt. With `caller`, the model the conversion
+    started from, what is left of its Parameters (an int8 model's small tied embedding) is
+    copied instead, so that turning off gradients here never touches the caller's model."""
+    theirs = set() if caller is None else {id(p) for p in caller.parameters()}
     for module in model.modules():
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if is_file_mapped(tensor):
-                own = tensor.detach().clone()
-                if isinstance(tensor, nn.Parameter):
-                    own = nn.Parameter(own, requires_grad=False)
-                setattr(module, name, own)
+            if id(tensor) not in theirs and (caller is not None or not is_file_mapped(tensor)):
+                continue
+            own = tensor.detach().clone()
+            if isinstance(tensor, nn.Parameter):
+                own = nn.Parameter(own, requires_grad=False)
+            setattr(module, name, own)
+            if caller is None:
                 release_pages(tensor)

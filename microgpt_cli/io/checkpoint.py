@@ -227,10 +227,18 @@ def check_tensors(weights: dict[str, torch.Tensor], source: str) -> None:
         if not tensor.is_floating_point():
             raise MicroGPTError(f"{source} holds {name} as {str(tensor.dtype).removeprefix('torch.')}; model weights "
                                 f"must be floating point (fp32, fp16 or bf16)")
-        # The extremes, not isfinite(): no temporary of the tensor's size (NaN propagates to both).
-        if tensor.numel() and not all(math.isfinite(float(x)) for x in torch.aminmax(tensor.detach())):
+        if tensor.numel() and not _finite(tensor.detach()):
             raise MicroGPTError(f"{source} holds NaN or infinite values in {name}: these weights cannot be used")
         release_pages(tensor)
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, from the extremes (NaN propagates to both): isfinite() would
+    make a temporary of the tensor's size. Types without aminmax (float8) take isfinite()."""
+    try:
+        return all(math.isfinite(float(x)) for x in torch.aminmax(tensor))
+    except (RuntimeError, NotImplementedError):
+        return bool(torch.isfinite(tensor).all())
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -303,10 +311,10 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mapped: boo
     """Read and check a checkpoint; a truncated, corrupted, foreign or malicious file is a clear error.
 
     `mapped`, for inference: the tensors are memory-mapped from the file (privately: nothing is
-    ever written back) instead of read into memory, so that an engine that converts the weights
-    layer by layer never holds the whole model twice, and the fp32 layout uses the file's pages
-    as they are. Checkpoints are replaced by renaming a new file over them, never rewritten, so a
-    mapping stays valid while a training run saves."""
+    ever written back) instead of read into memory, so that an engine that copies and converts
+    the weights layer by layer, letting each one's pages go, never holds the model twice.
+    Checkpoints are replaced by renaming a new file over them, never rewritten, so a mapping
+    stays valid while a training run saves."""
     path = resolve_path(path)
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise MicroGPTError(f"{path} is not a microgpt checkpoint (not a torch.save file, or truncated)")

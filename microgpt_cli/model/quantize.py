@@ -4,16 +4,17 @@ Each nn.Linear (the head included) becomes PyTorch's dynamic-quantized Linear: i
 one scale per output row, and activations quantized to int8 per call, so the matrix products run
 in fbgemm's int8 kernels. On the 2-core development VM that made the GPT-2-vocabulary head 2.8x
 faster at one token and 7x at eight; weight-only int8 kernels (torchao's Int8WeightOnlyConfig,
-torch._weight_int8pack_mm) were slower there than fp32, so they are not used. The token
-embedding becomes PyTorch's quantized Embedding (8 bits per weight with a scale and offset per
-row, read by `embedding_byte`): a quarter of the fp32 table, which is the largest tensor of a
-GPT-2-vocabulary model. The quality cost is measured with `microgpt eval --quantize int8` (see
-the README).
+torch._weight_int8pack_mm) were slower there than fp32, so they are not used. An embedding of
+EMBEDDING_INT8_FROM weights or more (a GPT-2-vocabulary token embedding, the largest tensor of
+such a model) becomes PyTorch's quantized Embedding (8 bits per weight with a scale and offset
+per row, read by `embedding_byte`): a quarter of the fp32 table. The quality cost is measured
+with `microgpt eval --quantize int8` (see the README).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import torch
 import torch.nn as nn
@@ -50,6 +51,8 @@ def quantize_int8(model: nn.Module, release: bool = False) -> nn.Module:
         # meet none of the other int8 layers in memory.
         layers = {name: module.weight.numel() for name, module in model.named_modules() if type(module) in kinds
                   and (type(module) is nn.Linear or module.weight.numel() >= EMBEDDING_INT8_FROM)}
+        # A tied embedding and head read one tensor: its pages go after the second of them.
+        readers = Counter(model.get_parameter(f"{path}.weight").data_ptr() for path in layers)
         for path in sorted(layers, key=layers.__getitem__, reverse=True):
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path)
@@ -58,7 +61,8 @@ def quantize_int8(model: nn.Module, release: bool = False) -> nn.Module:
             if release and getattr(layer, "bias", None) is not None:  # the int8 layer keeps its bias, not a copy
                 layer.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
             setattr(parent, name, convert(layer))
-            if release:
+            readers[layer.weight.data_ptr()] -= 1
+            if release and not readers[layer.weight.data_ptr()]:
                 release_pages(layer.weight)
             del layer
     return model
@@ -70,6 +74,10 @@ class _ContiguousIds(nn.Module):
     def __init__(self, embedding: nn.Module):
         super().__init__()
         self.embedding = embedding
+        self.rows: int = embedding.num_embeddings  # type: ignore[assignment]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # The kernel's own error for an id past the table is a RuntimeError; nn.Embedding's is this.
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.rows):
+            raise IndexError(f"token id out of range for an embedding of {self.rows} rows")
         return self.embedding(ids.contiguous())
