@@ -69,10 +69,11 @@ class RowBlockLinear(nn.Module):
 
     torch runs one row's product on a single thread whatever its thread count, through a
     matrix-vector kernel that read GPT-2's weights at 12-17 GB/s on the 2-core development VM;
-    the blocks read them at 43-52 GB/s with 2 threads (22-27 with 1), 1.7x the speed of the
-    transposed layout this replaced. A few rows (a prompt) multiply each block transposed, the
-    fastest of the kernels tried for 2 to 256 rows; past that nn.Linear's GEMM is used. The
-    blocks are views of the weight: no padded or transposed copy."""
+    the blocks read them at 43-52 GB/s with 2 threads (22-27 with 1), and a GPT-2 124M step
+    took 15.5-16.5 ms against 24 with the transposed copy this replaced. A few rows (a prompt)
+    multiply each block transposed, the fastest of the kernels tried for 2 to 256 rows; past
+    that nn.Linear's GEMM is used. The blocks are views of the weight: no padded or transposed
+    copy."""
 
     def __init__(self, linear: nn.Linear, split: int = 1, release: bool = False):
         super().__init__()
