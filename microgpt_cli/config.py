@@ -489,5 +489,7 @@ def save_config(out_dir: str | Path, model_config: ModelConfig, train_config: Tr
     header = (f"microgpt {__version__} training settings; reuse with `microgpt train --config {path}`.\n"
               f"vocab_size = {model_config.vocab_size} comes from the data dir.")
     text = to_toml(config_values(model_config, train_config), header)
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    # Not fsynced: a run writes it as it takes its dir over, right before its final evaluation when
+    # a --time-budget ends it, and an fsync there waited 4 s behind another process's writes.
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), durable=False)
     return path

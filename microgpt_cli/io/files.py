@@ -27,9 +27,11 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], durable: bool = True) -> None:
     """Call `write(file)` on a temp file beside `path`, fsync it, then rename it over `path`:
-    a crash at any moment leaves either the old file or the new one, never half of one."""
+    a crash at any moment leaves either the old file or the new one, never half of one. Without
+    `durable` the fsyncs are skipped (the rename is still atomic for the processes that read it),
+    for a small record that must not wait behind other processes' writes to the disk."""
     created = make_dir(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -41,7 +43,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -49,7 +52,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         # torch.save reports a full disk as a RuntimeError raised while the OSError unwinds.
         _raise_naming(path, exc.__context__ if isinstance(exc, RuntimeError) else exc, exc)
         raise
-    fsync_dir(path.parent)  # make the rename itself durable
+    if durable:
+        fsync_dir(path.parent)  # make the rename itself durable
 
 
 def append_text(path: Path, text: str) -> None:

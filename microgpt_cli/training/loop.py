@@ -356,8 +356,8 @@ class RunFiles:
         shutil.rmtree(discard, ignore_errors=True)
         save_config(self.out, run.model_config, run.cfg)
         self.owned = True
-        for metrics in self._pending:
-            self.record(metrics)
+        if self.active and self._pending:  # one write for the steps logged so far, not one each
+            append_text(self.metrics_path, "".join(json.dumps(m.to_dict()) + "\n" for m in self._pending))
         self._pending.clear()
 
     def _trim_metrics(self, last_step: int) -> None:
