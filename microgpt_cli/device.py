@@ -8,7 +8,7 @@ import functools
 import mmap
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +43,12 @@ def keep_freed_memory() -> None:
     kernel. Taken from the heap and not trimmed, they are reused instead; training gives the free
     pages back after each evaluation (release_freed_memory). For the CLI's long commands only: a
     library call must not change its caller's allocator."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    glibc = _glibc()
+    if glibc is None:
         return
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    _libc().mallopt(m_mmap_max, 0)  # type: ignore[union-attr]
-    _libc().mallopt(m_trim_threshold, 2**31 - 1)  # type: ignore[union-attr]
+    glibc.mallopt(m_mmap_max, 0)
+    glibc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def release_freed_memory() -> None:
@@ -56,19 +57,20 @@ def release_freed_memory() -> None:
     that keep_freed_memory keeps, which then cannot be merged and reused: without this a run's
     memory grew by a buffer every few evaluations), and after an engine has converted a model
     (the conversion's temporaries). The next allocations fault their pages in once again."""
-    if _libc() is not None and platform.libc_ver()[0] == "glibc":
-        _libc().malloc_trim(0)  # type: ignore[union-attr]
+    glibc = _glibc()
+    if glibc is not None:
+        glibc.malloc_trim(0)
 
 
 def release_pages(tensor: torch.Tensor) -> None:
-    """Drop this process's resident pages of `tensor` where it lies in a private mapping of a file
-    (a checkpoint loaded with `mapped=True`), for a tensor its owner is done with: a layer whose
-    int8 or packed copy replaced it, a weight the load has checked. It keeps the peak memory of a
-    load near the model's final size. Only pages that still hold the file's bytes are dropped
-    (the kernel's page map says which): one comes back from the file if read again, so no value
-    changes, and a page written since it was mapped (a private copy) is kept. Anything else
-    (memory of the heap, other systems) is left alone."""
-    if _libc() is None or tensor.device.type != "cpu" or not tensor.numel():
+    """Drop this process's resident pages of `tensor` that are pages of a file (a checkpoint
+    loaded with `mapped=True`), for a tensor its owner is done with: a layer whose int8 or packed
+    copy replaced it, a weight the load has checked. It keeps the peak memory of a load near the
+    model's final size. The kernel's page map says which pages those are: a dropped one comes
+    back from the file if read again, so no value changes, while this process's own memory (the
+    heap, a page of a private mapping written since, which became a private copy) is left alone."""
+    libc = _libc()
+    if libc is None or tensor.device.type != "cpu" or not tensor.numel():
         return
     if tensor.is_contiguous():
         start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
@@ -77,7 +79,7 @@ def release_pages(tensor: torch.Tensor) -> None:
         end = start + tensor.untyped_storage().nbytes()
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page  # whole pages only: neighbours may share the rest
-    if last <= first or not _in_private_file_mapping(first, last):
+    if last <= first:
         return
     try:
         with open("/proc/self/pagemap", "rb") as pagemap:
@@ -85,13 +87,14 @@ def release_pages(tensor: torch.Tensor) -> None:
             entries = np.frombuffer(pagemap.read((last - first) // page * 8), dtype=np.uint64)
     except OSError:
         return
-    # Bit 63: present; bit 61: a page of the file (a written page is anonymous, bit 61 clear).
+    # Bit 63: present; bit 61: a page of a file or of shared memory, which keeps its data when
+    # this process lets it go (a written page of a private mapping is anonymous: bit 61 clear).
     clean = ((entries >> np.uint64(63)) & (entries >> np.uint64(61)) & np.uint64(1)).astype(np.int8)
     edges = np.flatnonzero(np.diff(np.concatenate(([0], clean, [0]))))  # starts and ends of clean runs
     madv_dontneed = 4  # from Linux's mman.h
     for run_start, run_end in edges.reshape(-1, 2).tolist():
-        _libc().madvise(ctypes.c_void_p(first + run_start * page), ctypes.c_size_t((run_end - run_start) * page),  # type: ignore[union-attr]
-                        madv_dontneed)
+        libc.madvise(ctypes.c_void_p(first + run_start * page), ctypes.c_size_t((run_end - run_start) * page),
+                     madv_dontneed)
 
 
 def in_huge_pages(tensor: torch.Tensor, release: bool = False) -> torch.Tensor:
@@ -122,9 +125,9 @@ def in_huge_pages(tensor: torch.Tensor, release: bool = False) -> torch.Tensor:
                     madv_hugepage)
     # frombuffer holds `region` for as long as the tensor lives.
     copy = torch.frombuffer(region, dtype=tensor.dtype, count=tensor.numel(), offset=offset)
-    source = tensor.reshape(-1)
-    for start in range(0, source.numel(), huge * 4 // tensor.element_size()):  # 8 MB at a time
-        part = source[start : start + huge * 4 // tensor.element_size()]
+    source, chunk = tensor.reshape(-1), huge * 4 // tensor.element_size()  # 8 MB at a time
+    for start in range(0, source.numel(), chunk):
+        part = source[start : start + chunk]
         copy[start : start + part.numel()] = part
         if release:
             release_pages(part)
@@ -146,25 +149,29 @@ def _libc() -> ctypes.CDLL | None:
     return ctypes.CDLL(None) if platform.system() == "Linux" else None
 
 
-def is_file_mapped(tensor: torch.Tensor) -> bool:
-    """Whether CPU `tensor` lies in a private mapping of a file (a checkpoint loaded mapped)."""
-    if _libc() is None or tensor.device.type != "cpu" or not tensor.numel():
-        return False
-    return _in_private_file_mapping(tensor.data_ptr(), tensor.data_ptr() + 1)
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc, whose malloc the heap functions tune."""
+    return _libc() if platform.libc_ver()[0] == "glibc" else None
 
 
-def _in_private_file_mapping(start: int, end: int) -> bool:
-    """Whether [start, end) lies within one private mapping of a file (from /proc/self/maps)."""
+def file_mapped(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """The ids of the CPU `tensors` that lie in a private mapping of a file (a checkpoint loaded
+    mapped), from one read of /proc/self/maps."""
+    if _libc() is None:
+        return set()
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return False
+        return set()
+    ranges = []
     for line in lines:
         fields = line.split(maxsplit=5)
-        low, _, high = fields[0].partition("-")
-        if int(low, 16) <= start and end <= int(high, 16):
-            return fields[1].endswith("p") and len(fields) == 6 and fields[5].startswith("/")
-    return False
+        if fields[1].endswith("p") and len(fields) == 6 and fields[5].startswith("/"):
+            low, _, high = fields[0].partition("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    return {id(t) for t in tensors if t.device.type == "cpu" and t.numel()
+            and any(low <= t.data_ptr() < high for low, high in ranges)}
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microgpt_cli.device import in_huge_pages, is_file_mapped, release_freed_memory, release_pages
+from microgpt_cli.device import file_mapped, in_huge_pages, release_freed_memory, release_pages
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.model.gpt import BLOCK_MATRICES, GPT, block_param
 
@@ -181,10 +181,7 @@ def inference_model(model: GPT, quantize: str | None = None, in_place: bool = Fa
             quantize_int8(fast, release=in_place)
         else:
             _pack_fp32(fast, rows, threads, release=in_place)
-        if in_place:
-            _own_memory(fast)
-        else:
-            _own_memory(fast, caller=model)
+        _own_memory(fast, caller=None if in_place else model)
         release_freed_memory()
     fast.eval()
     for parameter in fast.parameters():
@@ -217,14 +214,15 @@ def _own_memory(model: nn.Module, caller: nn.Module | None = None) -> None:
     resident: 98 MB of GPT-2's file after one prompt. With `caller`, the model the conversion
     started from, what is left of its Parameters (an int8 model's small tied embedding) is
     copied instead, so that turning off gradients here never touches the caller's model."""
-    theirs = set() if caller is None else {id(p) for p in caller.parameters()}
-    for module in model.modules():
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if id(tensor) not in theirs and (caller is not None or not is_file_mapped(tensor)):
-                continue
-            own = tensor.detach().clone()
-            if isinstance(tensor, nn.Parameter):
-                own = nn.Parameter(own, requires_grad=False)
-            setattr(module, name, own)
-            if caller is None:
-                release_pages(tensor)
+    held = [(module, name, tensor) for module in model.modules()
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+    copied = file_mapped(t for _, _, t in held) if caller is None else {id(p) for p in caller.parameters()}
+    for module, name, tensor in held:
+        if id(tensor) not in copied:
+            continue
+        own = tensor.detach().clone()
+        if isinstance(tensor, nn.Parameter):
+            own = nn.Parameter(own, requires_grad=False)
+        setattr(module, name, own)
+        if caller is None:
+            release_pages(tensor)

@@ -356,8 +356,7 @@ class RunFiles:
         shutil.rmtree(discard, ignore_errors=True)
         save_config(self.out, run.model_config, run.cfg)
         self.owned = True
-        if self.active and self._pending:  # one write for the steps logged so far, not one each
-            append_text(self.metrics_path, "".join(json.dumps(m.to_dict()) + "\n" for m in self._pending))
+        self._append(self._pending)  # one write for the steps logged so far, not one each
         self._pending.clear()
 
     def _trim_metrics(self, last_step: int) -> None:
@@ -374,8 +373,12 @@ class RunFiles:
     def record(self, metrics: Metrics) -> None:
         if not self.owned:
             self._pending.append(metrics)
-        elif self.active:
-            append_text(self.metrics_path, json.dumps(metrics.to_dict()) + "\n")
+        else:
+            self._append([metrics])
+
+    def _append(self, rows: list[Metrics]) -> None:
+        if self.active and rows:
+            append_text(self.metrics_path, "".join(json.dumps(m.to_dict()) + "\n" for m in rows))
 
     def plot(self) -> None:
         """Redraw loss.png; a plot that cannot be written is not worth stopping a run for."""
