@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import mmap
 import platform
 import time
@@ -132,6 +133,27 @@ def in_huge_pages(tensor: torch.Tensor, release: bool = False) -> torch.Tensor:
         if release:
             release_pages(part)
     return copy.view(tensor.shape)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros in fresh anonymous memory, which the system backs with a page only
+    when it is first written: sized for the worst case, it costs what is used. Huge pages are
+    refused for it, where the system would give them unasked: a 2 MB page would make a few
+    written bytes cost 2 MB. Plain zeros where no such memory can be had."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    try:
+        if not nbytes:
+            raise OSError("nothing to map")
+        region = (mmap.mmap(-1, nbytes) if platform.system() == "Windows"
+                  else mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+    except OSError:
+        return torch.zeros(shape, dtype=dtype)
+    libc = _libc()
+    if libc is not None:
+        madv_nohugepage = 15  # from Linux's mman.h
+        libc.madvise(ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(region))), ctypes.c_size_t(nbytes),
+                     madv_nohugepage)
+    return torch.frombuffer(region, dtype=dtype).view(shape)  # frombuffer holds `region` while the tensor lives
 
 
 @functools.cache

@@ -10,13 +10,14 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from microgpt_cli.data.tokenizer import Tokenizer
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer import weights
-from microgpt_cli.infer.engine import GROW_STEP, Engine, RowBlockLinear, inference_model
+from microgpt_cli.infer.engine import GROW_STEP, Engine, RowBlockLinear, SlotCache, inference_model
 from microgpt_cli.infer.evaluation import evaluate
 from microgpt_cli.infer.sampling import generate_text
 from microgpt_cli.infer.threads import ThreadChooser
@@ -200,25 +201,62 @@ def test_without_onednn_every_layout_is_the_row_blocks(monkeypatch: pytest.Monke
     assert greedy_alone(plain, [5, 6, 7], 20) == packed
 
 
+def resident_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of `tensor`'s pages that are in memory (present in /proc/self/pagemap)."""
+    page = 4096
+    first = tensor.data_ptr() // page
+    count = -(-(tensor.data_ptr() + tensor.nbytes) // page) - first
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = np.frombuffer(pagemap.read(count * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads Linux's /proc")
 def test_the_cache_grows_with_the_tokens_in_use() -> None:
-    model = tiny_model(40, context=2 * GROW_STEP, n_embed=16)
+    """On a CPU the cache spans the context but holds only the pages written: one 4 KB page per
+    16 positions of a head here (head size 64), counted in the kernel's page map. A cache
+    allocated whole (zeros) would hold all 16 pages per head from the start."""
+    model = tiny_model(40, context=256, n_embed=128, n_head=2)
     engine = Engine(model, slots=2)
-    full = 2 * model.config.n_layer * 2 * model.config.context * 16 * 4  # keys and values, both slots, whole context
+    tensors = engine.cache.keys + engine.cache.values
+    per_head = 4096  # bytes of 16 positions
 
     def cache_bytes() -> int:
-        return sum(t.nbytes for t in engine.cache.keys + engine.cache.values)
+        return sum(resident_bytes(t) for t in tensors)
+
+    def expected(*lengths: int) -> int:
+        return len(tensors) * 2 * sum(-(-length // 16) for length in lengths) * per_head  # 2 heads
 
     with torch.inference_mode():
+        assert cache_bytes() == 0
         engine.prefill(0, [1, 2, 3, 4, 5])
+        assert cache_bytes() == expected(5)
         engine.fork(0, [1])
-        assert cache_bytes() == full // 2
+        assert cache_bytes() == expected(5, 5)
         logits = engine.step(torch.tensor([6, 7]))
-        for _ in range(GROW_STEP):
+        for _ in range(100):
             logits = engine.step(logits.argmax(-1))
-        assert engine.lengths == [5 + 1 + GROW_STEP] * 2 and cache_bytes() == full
-        for _ in range(GROW_STEP + 10):  # past the context: the window slides, the cache stays the context's
+        assert engine.lengths == [106, 106] and cache_bytes() == expected(106, 106) < expected(256, 256) // 2
+        for _ in range(200):  # past the context: the window slides, the cache stays the context's
             logits = engine.step(logits.argmax(-1))
-        assert max(engine.lengths) < model.config.context and cache_bytes() == full
+        assert max(engine.lengths) < 256 and cache_bytes() == expected(256, 256)
+    assert all(t.nbytes == 2 * 2 * 256 * 64 * 4 for t in tensors)
+
+
+def test_a_cache_that_grows_by_copies_keeps_what_it_holds() -> None:
+    """Where memory is not given page by page (a GPU without CUDA graphs), the cache holds the
+    positions in use rounded up to GROW_STEP and grows by copying what it holds."""
+    config = tiny_model(40, context=2 * GROW_STEP).config
+    cache = SlotCache(config, 2, torch.device("cpu"), torch.float32, paged=False)
+    assert cache.capacity == GROW_STEP and cache.keys[0].size(2) == GROW_STEP
+    cache.keys[1][:, :, :GROW_STEP] = written = torch.randn_like(cache.keys[1])
+    cache.reserve(GROW_STEP + 1)
+    assert cache.capacity == 2 * GROW_STEP and cache.values[0].size(2) == 2 * GROW_STEP
+    assert torch.equal(cache.keys[1][:, :, :GROW_STEP], written)
+    assert not cache.keys[1][:, :, GROW_STEP:].any()
+    cache.reserve(10 * GROW_STEP)  # never past the context
+    assert cache.capacity == 2 * GROW_STEP
 
 
 def test_a_loaded_checkpoint_is_never_held_twice(make_checkpoint: Callable[..., Path]) -> None:

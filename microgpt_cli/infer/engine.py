@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from microgpt_cli.config import MAX_SEED, ModelConfig, check_threads
-from microgpt_cli.device import free_memory
+from microgpt_cli.device import free_memory, lazy_zeros
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer.threads import ThreadChooser
 from microgpt_cli.infer.weights import RowBlockLinear, inference_model
@@ -37,21 +37,26 @@ GROW_STEP = 128  # cache positions added at a time
 class SlotCache:
     """Keys and values of every layer for `slots` sequences (implements model.KVCache).
 
-    Each layer's tensors, (slots, heads, positions, head size), hold the positions in use rounded
-    up to GROW_STEP, and grow (one layer at a time) as the sequences do, up to the context: a
-    short sample never pays for a cache of the whole context. With `grow=False` (CUDA graphs,
-    which replay fixed addresses) they hold the whole context from the start. Before each
-    forward the engine says what it is: a prefill of one slot from position 0, or a step of slots
-    0..n-1, each at its own position."""
+    A short sample never pays for a cache of the whole context. `paged` (the default on a CPU):
+    each layer's tensors, (slots, heads, positions, head size), span the whole context from the
+    start, in memory the system backs with a page only when it is first written
+    (device.lazy_zeros), so the cache grows 4 KB at a time (16 positions of one head of GPT-2)
+    and is never copied to grow. Otherwise they hold the positions in use rounded up to
+    GROW_STEP and grow (one layer at a time, by a copy) as the sequences do, up to the context;
+    with `grow=False` (CUDA graphs, which replay fixed addresses) they hold the whole context
+    from the start. Before each forward the engine says what it is: a prefill of one slot from
+    position 0, or a step of slots 0..n-1, each at its own position."""
 
-    def __init__(self, config: ModelConfig, slots: int, device: torch.device, dtype: torch.dtype, grow: bool = True):
+    def __init__(self, config: ModelConfig, slots: int, device: torch.device, dtype: torch.dtype, grow: bool = True,
+                 paged: bool | None = None):
         self.shape = (slots, config.n_head, 0, config.head_size)
         self.context = config.context
         self.device, self.dtype = device, dtype
+        self.paged = device.type == "cpu" if paged is None else paged
         self.keys = [self._empty(0) for _ in range(config.n_layer)]
         self.values = [self._empty(0) for _ in range(config.n_layer)]
         self.capacity = 0
-        self.reserve(GROW_STEP if grow else config.context)
+        self.reserve(GROW_STEP if grow and not self.paged else config.context)
         self.grow = grow
         self.key_index = torch.arange(config.context, device=device)
         self.row_index = torch.arange(slots, device=device)
@@ -64,7 +69,8 @@ class SlotCache:
     def _empty(self, positions: int) -> torch.Tensor:
         # Zeros, not empty memory: a row shorter than the step's span reads (masked) positions past
         # its own, and NaN bits there would survive the mask.
-        return torch.zeros((*self.shape[:2], positions, *self.shape[3:]), device=self.device, dtype=self.dtype)
+        shape = (*self.shape[:2], positions, *self.shape[3:])
+        return lazy_zeros(shape, self.dtype) if self.paged else torch.zeros(shape, device=self.device, dtype=self.dtype)
 
     def reserve(self, positions: int) -> None:
         """Make room for `positions` positions per slot."""
