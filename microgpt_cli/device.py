@@ -135,19 +135,20 @@ def in_huge_pages(tensor: torch.Tensor, release: bool = False) -> torch.Tensor:
     return copy.view(tensor.shape)
 
 
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
     """A CPU tensor of zeros in fresh anonymous memory, which the system backs with a page only
     when it is first written: sized for the worst case, it costs what is used. Huge pages are
     refused for it, where the system would give them unasked: a 2 MB page would make a few
-    written bytes cost 2 MB. Plain zeros where no such memory can be had."""
+    written bytes cost 2 MB. None where the system refuses the mapping (an address-space limit,
+    strict overcommit)."""
     nbytes = math.prod(shape) * dtype.itemsize
+    if not nbytes:
+        return torch.zeros(shape, dtype=dtype)
     try:
-        if not nbytes:
-            raise OSError("nothing to map")
         region = (mmap.mmap(-1, nbytes) if platform.system() == "Windows"
                   else mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
     except OSError:
-        return torch.zeros(shape, dtype=dtype)
+        return None
     libc = _libc()
     if libc is not None:
         madv_nohugepage = 15  # from Linux's mman.h
@@ -241,15 +242,15 @@ def ensure_fits(num_params: int, bytes_per_param: int, device: torch.device, pur
 
 
 @contextlib.contextmanager
-def allocation_errors(num_params: int) -> Iterator[None]:
-    """Turn torch's out-of-memory errors inside the block into one clear line."""
+def allocation_errors(what: str, advice: str) -> Iterator[None]:
+    """Turn torch's out-of-memory errors inside the block into one clear line: out of memory for
+    `what`, and the `advice`."""
     try:
         yield
     except RuntimeError as exc:  # torch.OutOfMemoryError, and the CPU allocator's plain RuntimeError
         if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
             raise
-        raise MicroGPTError(f"out of memory for a model of {num_params:,} parameters: {str(exc).splitlines()[0]}; "
-                            f"use a smaller model or batch") from None
+        raise MicroGPTError(f"out of memory for {what}: {str(exc).splitlines()[0]}; {advice}") from None
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU. Matched in order

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import mmap
 import subprocess
 import sys
 import weakref
@@ -203,7 +204,7 @@ def test_without_onednn_every_layout_is_the_row_blocks(monkeypatch: pytest.Monke
 
 def resident_bytes(tensor: torch.Tensor) -> int:
     """Bytes of `tensor`'s pages that are in memory (present in /proc/self/pagemap)."""
-    page = 4096
+    page = mmap.PAGESIZE
     first = tensor.data_ptr() // page
     count = -(-(tensor.data_ptr() + tensor.nbytes) // page) - first
     with open("/proc/self/pagemap", "rb") as pagemap:
@@ -214,19 +215,19 @@ def resident_bytes(tensor: torch.Tensor) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads Linux's /proc")
 def test_the_cache_grows_with_the_tokens_in_use() -> None:
-    """On a CPU the cache spans the context but holds only the pages written: one 4 KB page per
-    16 positions of a head here (head size 64), counted in the kernel's page map. A cache
-    allocated whole (zeros) would hold all 16 pages per head from the start."""
+    """On a CPU the cache spans the context but holds only the pages written, counted in the
+    kernel's page map: one 4 KB page per 16 positions of a head here (head size 64). A cache
+    allocated whole (zeros) would hold every page of the context from the start."""
     model = tiny_model(40, context=256, n_embed=128, n_head=2)
     engine = Engine(model, slots=2)
     tensors = engine.cache.keys + engine.cache.values
-    per_head = 4096  # bytes of 16 positions
+    positions_per_page = mmap.PAGESIZE // (64 * 4)
 
     def cache_bytes() -> int:
         return sum(resident_bytes(t) for t in tensors)
 
-    def expected(*lengths: int) -> int:
-        return len(tensors) * 2 * sum(-(-length // 16) for length in lengths) * per_head  # 2 heads
+    def expected(*lengths: int) -> int:  # 2 heads per slot
+        return len(tensors) * 2 * sum(-(-length // positions_per_page) for length in lengths) * mmap.PAGESIZE
 
     with torch.inference_mode():
         assert cache_bytes() == 0
@@ -237,11 +238,43 @@ def test_the_cache_grows_with_the_tokens_in_use() -> None:
         logits = engine.step(torch.tensor([6, 7]))
         for _ in range(100):
             logits = engine.step(logits.argmax(-1))
-        assert engine.lengths == [106, 106] and cache_bytes() == expected(106, 106) < expected(256, 256) // 2
+        assert engine.lengths == [106, 106] and cache_bytes() == expected(106, 106) < expected(256, 256)
         for _ in range(200):  # past the context: the window slides, the cache stays the context's
             logits = engine.step(logits.argmax(-1))
         assert max(engine.lengths) < 256 and cache_bytes() == expected(256, 256)
     assert all(t.nbytes == 2 * 2 * 256 * 64 * 4 for t in tensors)
+
+
+_ADDRESS_LIMIT = """
+import resource, sys, torch
+from conftest import tiny_model
+from microgpt_cli.errors import MicroGPTError
+from microgpt_cli.infer.engine import Engine
+model = tiny_model(50, context=1024, n_embed=768, n_head=12, n_layer=2)
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (600 << 20), resource.RLIM_INFINITY))
+engine = Engine(model, slots=64)  # the whole context's cache: 805 MB of addresses
+with torch.inference_mode():
+    engine.prefill(0, list(range(1, 30)))
+    engine.fork(0, range(1, 64))
+    for _ in range(5):
+        engine.step(torch.ones(64, dtype=torch.long))
+print("paged" if engine.cache.paged else "grown", engine.cache.capacity)
+try:
+    Engine(model, slots=600)  # 128 positions of 600 sequences: 944 MB
+except MicroGPTError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_a_cache_refused_its_addresses_grows_by_copies_and_runs_out_in_one_line() -> None:
+    """Under an address-space limit (`ulimit -v`) the whole context cannot be mapped: the cache
+    grows by copies as before, and a batch too large even for that is one clear error."""
+    out = subprocess.run([sys.executable, "-c", _ADDRESS_LIMIT], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent).stdout.splitlines()
+    assert out[0] == f"grown {GROW_STEP}", out
+    assert out[1].startswith("out of memory for the KV cache of 600 sequences: ") and "decode fewer" in out[1], out
 
 
 def test_a_cache_that_grows_by_copies_keeps_what_it_holds() -> None:
@@ -393,6 +426,27 @@ def test_a_loaded_model_is_never_held_twice(tmp_path: Path) -> None:
         assert memory["peak"] < peak * size and memory["after"] < after * size, (quantize, memory, size)
         assert memory["file"] < 0.05 * size, (quantize, memory, size)  # decoding reads its own copies
         assert memory["tokenizer"] < 40 << 20, memory
+
+
+def test_a_step_gives_the_same_logits_on_any_thread_count() -> None:
+    """The engine picks each step's thread count from timings (threads.py), so a seed's text must
+    not depend on it: torch's fused CPU attention split a one-query step by the thread count,
+    and its last bits (and now and then a sampled token) changed with it. Rows of different
+    lengths (a masked step) and one row."""
+    from microgpt_cli.device import torch_threads
+
+    model = tiny_model(50257, n_embed=256, n_head=4, context=64)
+    engine = Engine(model, slots=3, threads=2)
+    with torch.inference_mode():
+        for slot, length in enumerate((59, 3, 10)):
+            engine.prefill(slot, list(range(1, length + 1)))
+        # (rows, span): the fused kernel's split, and so its last bits, varied with the span.
+        for rows, span in [(1, span) for span in range(2, 61, 3)] + [(3, 60)]:
+            steps = []
+            for threads in (1, 2):
+                with torch_threads(threads):  # the same step twice: it writes the same keys again
+                    steps.append(engine.forward_step(torch.arange(rows) + 7, span, masked=rows > 1))
+            assert torch.equal(*steps), (rows, span, (steps[0] - steps[1]).abs().max())
 
 
 def test_row_blocks_read_each_row_about_once_on_many_threads() -> None:

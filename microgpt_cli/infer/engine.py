@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from microgpt_cli.config import MAX_SEED, ModelConfig, check_threads
-from microgpt_cli.device import free_memory, lazy_zeros
+from microgpt_cli.device import allocation_errors, free_memory, lazy_zeros
 from microgpt_cli.errors import MicroGPTError
 from microgpt_cli.infer.threads import ThreadChooser
 from microgpt_cli.infer.weights import RowBlockLinear, inference_model
@@ -56,7 +56,7 @@ class SlotCache:
         self.keys = [self._empty(0) for _ in range(config.n_layer)]
         self.values = [self._empty(0) for _ in range(config.n_layer)]
         self.capacity = 0
-        self.reserve(GROW_STEP if grow and not self.paged else config.context)
+        self.reserve(GROW_STEP if grow else config.context)
         self.grow = grow
         self.key_index = torch.arange(config.context, device=device)
         self.row_index = torch.arange(slots, device=device)
@@ -69,20 +69,35 @@ class SlotCache:
     def _empty(self, positions: int) -> torch.Tensor:
         # Zeros, not empty memory: a row shorter than the step's span reads (masked) positions past
         # its own, and NaN bits there would survive the mask.
-        shape = (*self.shape[:2], positions, *self.shape[3:])
-        return lazy_zeros(shape, self.dtype) if self.paged else torch.zeros(shape, device=self.device, dtype=self.dtype)
+        return torch.zeros((*self.shape[:2], positions, *self.shape[3:]), device=self.device, dtype=self.dtype)
 
     def reserve(self, positions: int) -> None:
         """Make room for `positions` positions per slot."""
         if positions <= self.capacity:
             return
-        capacity = min(self.context, -(-positions // GROW_STEP) * GROW_STEP)
-        for store in (self.keys, self.values):
-            for layer, old in enumerate(store):
-                new = self._empty(capacity)
-                new[:, :, : self.capacity] = old
-                store[layer] = new
-        self.capacity = capacity
+        with allocation_errors(f"the KV cache of {self.shape[0]:,} sequences", "decode fewer at once"):
+            if self.paged and self._map_whole_context():
+                return
+            self.paged = False  # the mapping was refused (an address-space limit): grow by copies
+            capacity = min(self.context, -(-positions // GROW_STEP) * GROW_STEP)
+            for store in (self.keys, self.values):
+                for layer, old in enumerate(store):
+                    new = self._empty(capacity)
+                    new[:, :, : self.capacity] = old
+                    store[layer] = new
+            self.capacity = capacity
+
+    def _map_whole_context(self) -> bool:
+        """Give every layer tensors for the whole context in memory backed page by page as it is
+        written; False, and nothing changed, where the system refuses such a mapping."""
+        layers = len(self.keys)
+        whole = [lazy_zeros((*self.shape[:2], self.context, *self.shape[3:]), self.dtype) for _ in range(2 * layers)]
+        mapped = [tensor for tensor in whole if tensor is not None]
+        if len(mapped) < len(whole):
+            return False
+        self.keys, self.values = mapped[:layers], mapped[layers:]
+        self.capacity = self.context
+        return True
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
         for store in (self.keys, self.values):

@@ -281,7 +281,7 @@ def build_run(model_config: ModelConfig | None, cfg: TrainConfig, resume: bool, 
     params = count_params(model_config)
     ensure_fits(params, BYTES_PER_TRAINED_PARAM, device, "train")
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    with allocation_errors(params):
+    with allocation_errors(f"a model of {params:,} parameters", "use a smaller model or batch"):
         model = GPT(model_config).to(device)
         if start is not None:
             _load_start(model, start, cfg.init_from)
