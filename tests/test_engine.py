@@ -260,8 +260,8 @@ with torch.inference_mode():
     for _ in range(5):
         engine.step(torch.ones(64, dtype=torch.long))
 print("paged" if engine.cache.paged else "grown", engine.cache.capacity)
-try:
-    Engine(model, slots=600)  # 128 positions of 600 sequences: 944 MB
+try:  # a context of 128: its first positions are its whole cache, 944 MB for 600 sequences
+    Engine(tiny_model(50, context=128, n_embed=768, n_head=12, n_layer=2), slots=600)
 except MicroGPTError as exc:
     print(exc)
 """
