@@ -70,8 +70,7 @@ def release_pages(tensor: torch.Tensor) -> None:
     model's final size. The kernel's page map says which pages those are: a dropped one comes
     back from the file if read again, so no value changes, while this process's own memory (the
     heap, a page of a private mapping written since, which became a private copy) is left alone."""
-    libc = _libc()
-    if libc is None or tensor.device.type != "cpu" or not tensor.numel():
+    if _libc() is None or tensor.device.type != "cpu" or not tensor.numel():
         return
     if tensor.is_contiguous():
         start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
@@ -94,8 +93,7 @@ def release_pages(tensor: torch.Tensor) -> None:
     edges = np.flatnonzero(np.diff(np.concatenate(([0], clean, [0]))))  # starts and ends of clean runs
     madv_dontneed = 4  # from Linux's mman.h
     for run_start, run_end in edges.reshape(-1, 2).tolist():
-        libc.madvise(ctypes.c_void_p(first + run_start * page), ctypes.c_size_t((run_end - run_start) * page),
-                     madv_dontneed)
+        _madvise(first + run_start * page, (run_end - run_start) * page, madv_dontneed)
 
 
 def in_huge_pages(tensor: torch.Tensor, release: bool = False) -> torch.Tensor:
@@ -112,18 +110,19 @@ def in_huge_pages(tensor: torch.Tensor, release: bool = False) -> torch.Tensor:
     of memory."""
     huge = 2 << 20
     nbytes = tensor.numel() * tensor.element_size()
-    if (_libc() is None or tensor.device.type != "cpu" or nbytes < huge or not tensor.is_contiguous()
-            or _transparent_huge_pages() == "never"):
+    mapped = None
+    if (_libc() is not None and tensor.device.type == "cpu" and nbytes >= huge and tensor.is_contiguous()
+            and _transparent_huge_pages() != "never"):
+        mapped = _anonymous(nbytes + huge)
+    if mapped is None:
         copy = tensor.clone(memory_format=torch.contiguous_format)  # row-major, whatever the source's strides
         if release:
             release_pages(tensor)
         return copy
-    region = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    region, address = mapped
     offset = -address % huge  # the first 2 MB boundary
     madv_hugepage = 14  # from Linux's mman.h
-    _libc().madvise(ctypes.c_void_p(address + offset), ctypes.c_size_t(nbytes // huge * huge),  # type: ignore[union-attr]
-                    madv_hugepage)
+    _madvise(address + offset, nbytes // huge * huge, madv_hugepage)
     # frombuffer holds `region` for as long as the tensor lives.
     copy = torch.frombuffer(region, dtype=tensor.dtype, count=tensor.numel(), offset=offset)
     source, chunk = tensor.reshape(-1), huge * 4 // tensor.element_size()  # 8 MB at a time
@@ -144,17 +143,31 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | Non
     nbytes = math.prod(shape) * dtype.itemsize
     if not nbytes:
         return torch.zeros(shape, dtype=dtype)
+    mapped = _anonymous(nbytes)
+    if mapped is None:
+        return None
+    region, address = mapped
+    madv_nohugepage = 15  # from Linux's mman.h
+    _madvise(address, nbytes, madv_nohugepage)
+    return torch.frombuffer(region, dtype=dtype).view(shape)  # frombuffer holds `region` while the tensor lives
+
+
+def _anonymous(nbytes: int) -> tuple[mmap.mmap, int] | None:
+    """`nbytes` of fresh private memory (zeros, each page given when first written) and its
+    address; None where the system refuses the mapping."""
     try:
         region = (mmap.mmap(-1, nbytes) if platform.system() == "Windows"
                   else mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
     except OSError:
         return None
+    return region, ctypes.addressof(ctypes.c_char.from_buffer(region))
+
+
+def _madvise(address: int, length: int, advice: int) -> None:
+    """Linux's madvise on [address, address + length); nothing elsewhere."""
     libc = _libc()
     if libc is not None:
-        madv_nohugepage = 15  # from Linux's mman.h
-        libc.madvise(ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(region))), ctypes.c_size_t(nbytes),
-                     madv_nohugepage)
-    return torch.frombuffer(region, dtype=dtype).view(shape)  # frombuffer holds `region` while the tensor lives
+        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice)
 
 
 @functools.cache

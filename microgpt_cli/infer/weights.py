@@ -140,10 +140,8 @@ def _replace(parent: nn.Module, name: str, make: Any, release: bool = False) -> 
     else holds them) is freed before the next one is converted, and with `release` its weight's
     pages memory-mapped from a checkpoint are let go too (see release_pages)."""
     old = getattr(parent, name)
-    new = make(old)
-    setattr(parent, name, new)
-    kept = getattr(new, "weight", None)
-    if release and (kept is None or kept.data_ptr() != old.weight.data_ptr()):
+    setattr(parent, name, make(old))
+    if release:
         release_pages(old.weight)
 
 
